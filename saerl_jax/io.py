@@ -1,0 +1,25 @@
+"""Small file helpers shared by every stage that writes to disk."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+
+
+def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Calls ``write(tmp_path)`` on a temporary file beside ``target``, then renames it into place.
+
+    A reader never sees a half-written ``target``; if ``write`` fails the old file (if any) is kept.
+    """
+    target = Path(target)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return target

@@ -1,0 +1,79 @@
+"""Jitted forward passes as pure functions of the NNX state, with length buckets bounding compiles."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from saerl_jax.model.qwen2 import Qwen2
+
+
+def bucket_length(n: int, minimum: int = 32) -> int:
+    """Smallest bucket >= ``n`` among ``minimum * 2**k`` and ``1.5 * minimum * 2**k``.
+
+    Padding wastes at most a third of the work and a run compiles about ``2 * log2(T_max / minimum)``
+    shapes at most, whatever the distribution of lengths.
+    """
+    if n <= minimum:
+        return minimum
+    size = minimum
+    while True:
+        if n <= size:
+            return size
+        if n <= size * 3 // 2:
+            return size * 3 // 2
+        size *= 2
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "capture_layer"))
+def forward_fn(
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    input_ids_BT: jax.Array,
+    attention_mask_BT: jax.Array,
+    capture_layer: int | None = None,
+) -> jax.Array:
+    """``Qwen2.__call__`` as a jitted function of ``nnx.split(model)``; one compile per shape."""
+    return nnx.merge(graphdef, state)(input_ids_BT, attention_mask_BT, capture_layer=capture_layer)
+
+
+def pad_to_bucket(array_BT: np.ndarray, length: int, value: int = 0) -> np.ndarray:
+    """Right-pads the time axis of a ``[B, T]`` host array to ``length``."""
+    array_BT = np.asarray(array_BT)
+    return np.pad(array_BT, ((0, 0), (0, length - array_BT.shape[1])), constant_values=value)
+
+
+def forward(
+    model: Qwen2,
+    input_ids_BT,
+    attention_mask_BT=None,
+    *,
+    capture_layer: int | None = None,
+    min_bucket: int = 32,
+) -> jax.Array:
+    """Jitted, bucketed ``model(input_ids, attention_mask, capture_layer=...)``.
+
+    The time axis is right-padded to :func:`bucket_length` (masked, so real tokens see the same
+    context), run through :func:`forward_fn` and cut back to T.
+
+    Returns:
+      logits ``[B, T, V]`` or, with ``capture_layer``, the residual stream ``[B, T, D]``.
+    """
+    input_ids_BT = np.asarray(input_ids_BT)
+    if attention_mask_BT is None:
+        attention_mask_BT = np.ones_like(input_ids_BT)
+    t = input_ids_BT.shape[1]
+    length = bucket_length(t, min_bucket)
+    graphdef, state = nnx.split(model)
+    out = forward_fn(
+        graphdef,
+        state,
+        jnp.asarray(pad_to_bucket(input_ids_BT, length)),
+        jnp.asarray(pad_to_bucket(attention_mask_BT, length)),
+        capture_layer=capture_layer,
+    )
+    return out[:, :t]

@@ -1,0 +1,363 @@
+"""Qwen2 decoder (the Qwen2.5 / Qwen2.5-Math architecture) in Flax NNX.
+
+Module attributes keep the Hugging Face names (``embed_tokens``, ``q_proj``, ``input_layernorm``...)
+so that ``weights.py`` is a plain name table. Every size comes from the HF ``config.json``.
+
+Shape suffixes: B batch, T query length, S key length (cache slots), D hidden size, N query heads,
+K key/value heads, G query heads per key/value head (N = K * G), H head dim, F MLP width, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+_MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class Qwen2Config:
+    """The architecture fields of a Hugging Face ``Qwen2Config``."""
+
+    vocab_size: int
+    """Number of token embeddings (151,936 for Qwen2.5)."""
+    hidden_size: int
+    """Width D of the residual stream."""
+    intermediate_size: int
+    """Width F of the SwiGLU MLP."""
+    num_hidden_layers: int
+    """Number of decoder blocks."""
+    num_attention_heads: int
+    """Query heads N."""
+    num_key_value_heads: int
+    """Key/value heads K (grouped-query attention); must divide N."""
+    rope_theta: float = 10000.0
+    """Rotary base frequency: 10,000 for Qwen2.5-Math, 1e6 for general Qwen2.5."""
+    rms_norm_eps: float = 1e-6
+    """Epsilon of every RMSNorm."""
+    tie_word_embeddings: bool = False
+    """Whether the LM head reuses the token embedding matrix."""
+    max_position_embeddings: int = 32768
+    """Longest sequence the checkpoint was trained for (informational)."""
+    initializer_range: float = 0.02
+    """Standard deviation of the random initialisation."""
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_attention_heads"):
+            if getattr(self, name) <= 0:
+                raise ValueError(f"Qwen2Config.{name} must be positive, got {getattr(self, name)}")
+        if self.num_hidden_layers < 1:
+            raise ValueError(f"Qwen2Config.num_hidden_layers must be >= 1, got {self.num_hidden_layers}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"hidden_size {self.hidden_size} is not divisible by num_attention_heads {self.num_attention_heads}"
+            )
+        if self.num_key_value_heads <= 0 or self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                f"num_key_value_heads {self.num_key_value_heads}"
+            )
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ValueError("the head dimension must be even for rotary embeddings")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @classmethod
+    def from_hf_dict(cls, cfg: dict[str, Any], source: str = "config.json") -> Qwen2Config:
+        """Builds the config from a parsed HF ``config.json``; ``source`` names it in errors."""
+        if cfg.get("model_type") != "qwen2":
+            raise ValueError(f"{source}: model_type is {cfg.get('model_type')!r}, expected 'qwen2'")
+        if cfg.get("use_sliding_window"):
+            raise ValueError(f"{source}: use_sliding_window=true is not supported")
+        rope = cfg.get("rope_parameters") or cfg.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type != "default":
+            raise ValueError(f"{source}: rope_type {rope_type!r} is not supported (only 'default')")
+        rope_theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
+        head_dim = cfg.get("head_dim")
+        if head_dim is not None and head_dim * cfg["num_attention_heads"] != cfg["hidden_size"]:
+            raise ValueError(f"{source}: head_dim {head_dim} != hidden_size / num_attention_heads")
+        required = (
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+        )
+        missing = [k for k in required if k not in cfg]
+        if missing:
+            raise ValueError(f"{source}: missing field(s) {', '.join(missing)}")
+        return cls(
+            vocab_size=cfg["vocab_size"],
+            hidden_size=cfg["hidden_size"],
+            intermediate_size=cfg["intermediate_size"],
+            num_hidden_layers=cfg["num_hidden_layers"],
+            num_attention_heads=cfg["num_attention_heads"],
+            num_key_value_heads=cfg.get("num_key_value_heads", cfg["num_attention_heads"]),
+            rope_theta=float(rope_theta),
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            max_position_embeddings=cfg.get("max_position_embeddings", 32768),
+            initializer_range=cfg.get("initializer_range", 0.02),
+        )
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path) -> Qwen2Config:
+        """Reads ``config.json`` from a local HF model directory."""
+        config_file = Path(path) / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (not a Hugging Face model directory)")
+        try:
+            cfg = json.loads(config_file.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{config_file}: not valid JSON ({err})") from err
+        return cls.from_hf_dict(cfg, source=str(config_file))
+
+    def to_hf_dict(self, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
+        """The ``config.json`` fields transformers needs to build ``Qwen2ForCausalLM``."""
+        return {
+            "architectures": ["Qwen2ForCausalLM"],
+            "model_type": "qwen2",
+            "hidden_act": "silu",
+            "dtype": jnp.dtype(dtype).name,
+            "use_sliding_window": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": self.rope_theta},
+            **{f.name: getattr(self, f.name) for f in dataclasses.fields(self) if f.name != "rope_theta"},
+        }
+
+
+class LayerCache(NamedTuple):
+    """Key/value cache of one attention layer, ``[B, S, K, H]`` each."""
+
+    k_BSKH: jax.Array
+    v_BSKH: jax.Array
+
+
+def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
+    """Position ids that skip padding: 0 at each row's first real token (left or right padding)."""
+    return jnp.maximum(jnp.cumsum(attention_mask_BT.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def causal_mask(attention_mask_BS: jax.Array, query_slots_BT: jax.Array) -> jax.Array:
+    """``[B, T, S]`` booleans: query at cache slot t sees real keys at slots <= t."""
+    key_slots_S = jnp.arange(attention_mask_BS.shape[-1])
+    visible_BTS = key_slots_S[None, None, :] <= query_slots_BT[:, :, None]
+    return visible_BTS & attention_mask_BS.astype(bool)[:, None, :]
+
+
+def rotary_cos_sin(positions_BT: jax.Array, head_dim: int, theta: float, dtype) -> tuple[jax.Array, jax.Array]:
+    """``cos, sin`` of shape ``[B, T, H]`` in float32 then cast to ``dtype``, as transformers does."""
+    inv_freq_H2 = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    freqs_BTH2 = positions_BT.astype(jnp.float32)[..., None] * inv_freq_H2
+    emb_BTH = jnp.concatenate([freqs_BTH2, freqs_BTH2], axis=-1)
+    return jnp.cos(emb_BTH).astype(dtype), jnp.sin(emb_BTH).astype(dtype)
+
+
+def _apply_rotary(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> jax.Array:
+    half = x_BTNH.shape[-1] // 2
+    rotated = jnp.concatenate([-x_BTNH[..., half:], x_BTNH[..., :half]], axis=-1)
+    return x_BTNH * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm computed in float32, cast back to the input dtype before the weight multiply."""
+
+    def __init__(self, dim: int, eps: float, *, dtype):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype))
+        self.eps = eps
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        x32 = x_BTD.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...] * x32.astype(x_BTD.dtype)
+
+
+def _linear(cfg: Qwen2Config, d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
+    return nnx.Linear(
+        d_in,
+        d_out,
+        use_bias=bias,
+        dtype=dtype,
+        param_dtype=dtype,
+        kernel_init=nnx.initializers.normal(cfg.initializer_range),
+        rngs=rngs,
+    )
+
+
+class Qwen2Attention(nnx.Module):
+    """Grouped-query attention with q/k/v biases, no output bias and rotary embeddings."""
+
+    def __init__(self, cfg: Qwen2Config, *, dtype, rngs: nnx.Rngs):
+        d, h = cfg.hidden_size, cfg.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, h
+        self.q_proj = _linear(cfg, d, self.num_heads * h, True, dtype, rngs)
+        self.k_proj = _linear(cfg, d, self.num_kv_heads * h, True, dtype, rngs)
+        self.v_proj = _linear(cfg, d, self.num_kv_heads * h, True, dtype, rngs)
+        self.o_proj = _linear(cfg, self.num_heads * h, d, False, dtype, rngs)
+
+    def __call__(
+        self,
+        x_BTD: jax.Array,
+        cos_sin: tuple[jax.Array, jax.Array],
+        mask_BTS: jax.Array,
+        cache: LayerCache | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, LayerCache | None]:
+        """Attends from the T new tokens to themselves, or to the S cache slots when ``cache`` is given.
+
+        With a cache, the new keys/values are written at slots ``cache_index .. cache_index + T``.
+        """
+        b, t, _ = x_BTD.shape
+        k_heads, g, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        q_BTNH = self.q_proj(x_BTD).reshape(b, t, self.num_heads, h)
+        k_BTKH = self.k_proj(x_BTD).reshape(b, t, k_heads, h)
+        v_BTKH = self.v_proj(x_BTD).reshape(b, t, k_heads, h)
+        q_BTNH = _apply_rotary(q_BTNH, *cos_sin)
+        k_BTKH = _apply_rotary(k_BTKH, *cos_sin)
+        if cache is not None:
+            start = (0, cache_index, 0, 0)
+            cache = LayerCache(
+                jax.lax.dynamic_update_slice(cache.k_BSKH, k_BTKH.astype(cache.k_BSKH.dtype), start),
+                jax.lax.dynamic_update_slice(cache.v_BSKH, v_BTKH.astype(cache.v_BSKH.dtype), start),
+            )
+            k_BTKH, v_BTKH = cache.k_BSKH, cache.v_BSKH
+        q_BTKGH = q_BTNH.reshape(b, t, k_heads, g, h)
+        scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BTKH).astype(jnp.float32)
+        scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS * h**-0.5, _MASK_VALUE)
+        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BTKH.dtype)
+        out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BTKH)
+        return self.o_proj(out_BTKGH.reshape(b, t, self.num_heads * h)), cache
+
+
+class Qwen2MLP(nnx.Module):
+    """SwiGLU: ``down_proj(silu(gate_proj(x)) * up_proj(x))``."""
+
+    def __init__(self, cfg: Qwen2Config, *, dtype, rngs: nnx.Rngs):
+        d, f = cfg.hidden_size, cfg.intermediate_size
+        self.gate_proj = _linear(cfg, d, f, False, dtype, rngs)
+        self.up_proj = _linear(cfg, d, f, False, dtype, rngs)
+        self.down_proj = _linear(cfg, f, d, False, dtype, rngs)
+
+    def __call__(self, x_BTD: jax.Array) -> jax.Array:
+        return self.down_proj(jax.nn.silu(self.gate_proj(x_BTD)) * self.up_proj(x_BTD))
+
+
+class Qwen2DecoderLayer(nnx.Module):
+    """Pre-norm block: ``x + attn(norm(x))`` then ``x + mlp(norm(x))``."""
+
+    def __init__(self, cfg: Qwen2Config, *, dtype, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.self_attn = Qwen2Attention(cfg, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
+        self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x_BTD, cos_sin, mask_BTS, cache=None, cache_index=0):
+        attn_BTD, cache = self.self_attn(self.input_layernorm(x_BTD), cos_sin, mask_BTS, cache, cache_index)
+        x_BTD = x_BTD + attn_BTD
+        return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), cache
+
+
+class Qwen2(nnx.Module):
+    """``Qwen2ForCausalLM``: token embedding, decoder blocks, final RMSNorm and LM head."""
+
+    def __init__(self, config: Qwen2Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
+        self.config = config
+        self.dtype = jnp.dtype(dtype)
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size,
+            config.hidden_size,
+            dtype=dtype,
+            param_dtype=dtype,
+            embedding_init=nnx.initializers.normal(config.initializer_range),
+            rngs=rngs,
+        )
+        self.layers = nnx.List(
+            [Qwen2DecoderLayer(config, dtype=dtype, rngs=rngs) for _ in range(config.num_hidden_layers)]
+        )
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+        self.lm_head = (
+            None
+            if config.tie_word_embeddings
+            else _linear(config, config.hidden_size, config.vocab_size, False, dtype, rngs)
+        )
+
+    def __call__(
+        self,
+        input_ids_BT: jax.Array,
+        attention_mask_BT: jax.Array | None = None,
+        *,
+        capture_layer: int | None = None,
+    ) -> jax.Array:
+        """Full forward over a (possibly padded) batch.
+
+        Args:
+          input_ids_BT: token ids ``[B, T]``.
+          attention_mask_BT: 1 for real tokens, 0 for padding (left or right); all ones if None.
+          capture_layer: if set to L, run only the first L blocks and return the residual stream after
+            them, ``[B, T, D]`` (transformers' ``output_hidden_states[L]``; 0 is the embeddings).
+
+        Returns:
+          logits ``[B, T, V]``, or the residual stream ``[B, T, D]`` with ``capture_layer``.
+        """
+        if attention_mask_BT is None:
+            attention_mask_BT = jnp.ones(input_ids_BT.shape, jnp.int32)
+        num_layers = self.config.num_hidden_layers
+        if capture_layer is not None:
+            if not 0 <= capture_layer < num_layers:
+                raise ValueError(
+                    f"capture_layer={capture_layer} is out of range: this model has "
+                    f"{num_layers} layers, so it must be in [0, {num_layers - 1}]"
+                )
+            num_layers = capture_layer
+        t = input_ids_BT.shape[1]
+        slots_BT = jnp.broadcast_to(jnp.arange(t), input_ids_BT.shape)
+        x_BTD, _ = self.hidden_states(
+            input_ids_BT,
+            positions_from_mask(attention_mask_BT),
+            causal_mask(attention_mask_BT, slots_BT),
+            num_layers=num_layers,
+        )
+        return x_BTD if capture_layer is not None else self.logits(x_BTD)
+
+    def hidden_states(
+        self,
+        input_ids_BT: jax.Array,
+        positions_BT: jax.Array,
+        mask_BTS: jax.Array,
+        *,
+        num_layers: int | None = None,
+        cache: tuple[LayerCache, ...] | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
+        """Residual stream after ``num_layers`` blocks (all by default), and the updated cache."""
+        x_BTD = self.embed_tokens(input_ids_BT)
+        cos_sin = rotary_cos_sin(positions_BT, self.config.head_dim, self.config.rope_theta, self.dtype)
+        layers = self.layers[: self.config.num_hidden_layers if num_layers is None else num_layers]
+        new_cache = []
+        for i, layer in enumerate(layers):
+            x_BTD, layer_cache = layer(x_BTD, cos_sin, mask_BTS, None if cache is None else cache[i], cache_index)
+            new_cache.append(layer_cache)
+        return x_BTD, None if cache is None else tuple(new_cache)
+
+    def logits(self, x_BTD: jax.Array) -> jax.Array:
+        """Final RMSNorm and LM head: ``[..., D] -> [..., V]``."""
+        x_BTD = self.norm(x_BTD)
+        if self.lm_head is None:
+            return self.embed_tokens.attend(x_BTD)
+        return self.lm_head(x_BTD)
+
+    def init_cache(self, batch_size: int, num_slots: int) -> tuple[LayerCache, ...]:
+        """Zeroed key/value cache with ``num_slots`` positions per layer."""
+        shape = (batch_size, num_slots, self.config.num_key_value_heads, self.config.head_dim)
+        return tuple(
+            LayerCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+            for _ in range(self.config.num_hidden_layers)
+        )

@@ -1,0 +1,70 @@
+"""Shared fixtures: random Qwen2 checkpoints saved by transformers, the way users' directories look."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+# Small random architectures covering what the loader must handle.
+CONFIGS = {
+    "tied-gqa": dict(num_attention_heads=4, num_key_value_heads=2, rope_theta=10000.0, tie_word_embeddings=True),
+    "untied-mha-sharded": dict(
+        num_attention_heads=4, num_key_value_heads=4, rope_theta=1e6, tie_word_embeddings=False, shard="20KB"
+    ),
+    "untied-mqa": dict(num_attention_heads=8, num_key_value_heads=1, rope_theta=10000.0, tie_word_embeddings=False),
+}
+
+
+def save_hf_qwen2(directory, *, seed: int = 0, shard: str | None = None, **overrides):
+    """Saves a random ``Qwen2ForCausalLM`` with ``save_pretrained``; returns the torch model."""
+    kwargs = dict(
+        vocab_size=320,
+        hidden_size=64,
+        intermediate_size=112,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    kwargs.update(overrides)
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**kwargs)).eval()
+    # Non-trivial norms and biases, so a mis-mapped tensor cannot hide behind ones and zeros.
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.1 * torch.randn_like(param))
+            elif name.endswith("bias"):
+                param.copy_(0.1 * torch.randn_like(param))
+    model.save_pretrained(directory, **({"max_shard_size": shard} if shard else {}))
+    return model
+
+
+@pytest.fixture(scope="session", params=sorted(CONFIGS))
+def hf_checkpoint(request, tmp_path_factory):
+    """``(directory, torch model)`` for each config in :data:`CONFIGS`."""
+    directory = tmp_path_factory.mktemp(request.param)
+    return directory, save_hf_qwen2(directory, **CONFIGS[request.param])
+
+
+@pytest.fixture(scope="session")
+def small_checkpoint(tmp_path_factory):
+    """One tied-embedding GQA checkpoint for tests that need any model."""
+    directory = tmp_path_factory.mktemp("small")
+    return directory, save_hf_qwen2(directory, **CONFIGS["tied-gqa"])
+
+
+def padded_batch(lengths, total, vocab, *, side, seed=0):
+    """Random ids ``[B, total]`` with a mask of the given real lengths, padded on ``side``."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, vocab, size=(len(lengths), total)).astype(np.int64)
+    mask = np.zeros_like(ids)
+    for row, n in enumerate(lengths):
+        if side == "left":
+            mask[row, total - n :] = 1
+        else:
+            mask[row, :n] = 1
+    return ids, mask
