@@ -10,6 +10,7 @@ import torch
 from conftest import CONFIGS, padded_batch, save_hf_qwen2
 
 from saerl_jax.model import forward, generate, load_pretrained
+from saerl_jax.model.sampling import inverse_cdf_sample, nucleus_threshold
 
 
 @pytest.fixture(scope="module")
@@ -140,3 +141,23 @@ def test_bad_arguments(models):
     with pytest.raises(ValueError, match="prompt 0 is empty"):
         generate(model, ids, np.zeros_like(ids), max_new_tokens=2, eos_token_id=1, rng=jax.random.key(0))
     assert jnp.asarray(ids).shape == (1, 4)
+
+
+def test_inverse_cdf_sampling_follows_the_distribution():
+    probs = np.array([0.0, 0.5, 0.0, 0.2, 0.3, 0.0], np.float32)
+    n = 20000
+    tokens = np.asarray(
+        inverse_cdf_sample(jnp.broadcast_to(jnp.asarray(probs) * 3.0, (n, 6)), jax.random.key(0))  # unnormalised
+    )
+    freq = np.bincount(tokens, minlength=6) / n
+    assert freq[[0, 2, 5]].sum() == 0  # zero-probability tokens are never drawn
+    np.testing.assert_allclose(freq, probs, atol=4 * np.sqrt(0.25 / n))
+
+
+@pytest.mark.parametrize(
+    ("top_p", "kept"), [(0.5, {1}), (0.51, {1, 4}), (0.8, {1, 4}), (0.81, {1, 3, 4}), (1.0, {1, 3, 4})]
+)
+def test_nucleus_threshold_keeps_the_smallest_set_reaching_top_p(top_p, kept):
+    probs = jnp.asarray([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0]], jnp.float32)
+    threshold = nucleus_threshold(probs, top_p)
+    assert set(np.flatnonzero(np.asarray(probs[0] >= threshold[0]) & (np.asarray(probs[0]) > 0))) == kept

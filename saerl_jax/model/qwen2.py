@@ -135,10 +135,11 @@ class Qwen2Config:
 
 
 class LayerCache(NamedTuple):
-    """Key/value cache of one attention layer, ``[B, S, K, H]`` each."""
+    """Key/value cache of one attention layer, ``[B, K, S, H]`` each (the layout the attention
+    einsums read, so a decode step never transposes the whole cache)."""
 
-    k_BSKH: jax.Array
-    v_BSKH: jax.Array
+    k_BKSH: jax.Array
+    v_BKSH: jax.Array
 
 
 def positions_from_mask(attention_mask_BT: jax.Array) -> jax.Array:
@@ -218,22 +219,32 @@ class Qwen2Attention(nnx.Module):
         b, t, _ = x_BTD.shape
         k_heads, g, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
         q_BTNH = self.q_proj(x_BTD).reshape(b, t, self.num_heads, h)
-        k_BTKH = self.k_proj(x_BTD).reshape(b, t, k_heads, h)
-        v_BTKH = self.v_proj(x_BTD).reshape(b, t, k_heads, h)
+        k_BTKH = _apply_rotary(self.k_proj(x_BTD).reshape(b, t, k_heads, h), *cos_sin)
+        k_BKSH = k_BTKH.transpose(0, 2, 1, 3)
+        v_BKSH = self.v_proj(x_BTD).reshape(b, t, k_heads, h).transpose(0, 2, 1, 3)
         q_BTNH = _apply_rotary(q_BTNH, *cos_sin)
-        k_BTKH = _apply_rotary(k_BTKH, *cos_sin)
         if cache is not None:
-            start = (0, cache_index, 0, 0)
+            start = (0, 0, cache_index, 0)
             cache = LayerCache(
-                jax.lax.dynamic_update_slice(cache.k_BSKH, k_BTKH.astype(cache.k_BSKH.dtype), start),
-                jax.lax.dynamic_update_slice(cache.v_BSKH, v_BTKH.astype(cache.v_BSKH.dtype), start),
+                jax.lax.dynamic_update_slice(cache.k_BKSH, k_BKSH.astype(cache.k_BKSH.dtype), start),
+                jax.lax.dynamic_update_slice(cache.v_BKSH, v_BKSH.astype(cache.v_BKSH.dtype), start),
             )
-            k_BTKH, v_BTKH = cache.k_BSKH, cache.v_BSKH
-        q_BTKGH = q_BTNH.reshape(b, t, k_heads, g, h)
-        scores_BKGTS = jnp.einsum("btkgh,bskh->bkgts", q_BTKGH, k_BTKH).astype(jnp.float32)
-        scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS * h**-0.5, _MASK_VALUE)
-        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BTKH.dtype)
-        out_BTKGH = jnp.einsum("bkgts,bskh->btkgh", probs_BKGTS, v_BTKH)
+            k_BKSH, v_BKSH = cache
+        q_BKGTH = q_BTNH.reshape(b, t, k_heads, g, h).transpose(0, 2, 3, 1, 4)
+        if t == 1:
+            # One query token (a decode step): a broadcast multiply-and-sum. XLA:CPU runs the
+            # batched-dot form as B*K tiny library calls; this fuses into one loop (about 3x faster
+            # at 1,024 cache slots on two cores) and computes the same sums.
+            scores_BKGTS = jnp.sum(q_BKGTH[:, :, :, :, None, :] * k_BKSH[:, :, None, None, :, :], axis=-1)
+        else:
+            scores_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH)
+        scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS.astype(jnp.float32) * h**-0.5, _MASK_VALUE)
+        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
+        if t == 1:
+            out_BKGTH = jnp.sum(probs_BKGTS[..., None] * v_BKSH[:, :, None, None, :, :], axis=-2)
+        else:
+            out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH)
+        out_BTKGH = out_BKGTH.transpose(0, 3, 1, 2, 4)
         return self.o_proj(out_BTKGH.reshape(b, t, self.num_heads * h)), cache
 
 
@@ -356,7 +367,7 @@ class Qwen2(nnx.Module):
 
     def init_cache(self, batch_size: int, num_slots: int) -> tuple[LayerCache, ...]:
         """Zeroed key/value cache with ``num_slots`` positions per layer."""
-        shape = (batch_size, num_slots, self.config.num_key_value_heads, self.config.head_dim)
+        shape = (batch_size, self.config.num_key_value_heads, num_slots, self.config.head_dim)
         return tuple(
             LayerCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
             for _ in range(self.config.num_hidden_layers)

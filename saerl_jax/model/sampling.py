@@ -66,23 +66,51 @@ def left_align(input_ids_BT: np.ndarray, attention_mask_BT: np.ndarray, length: 
     return ids_BL, mask_BL
 
 
+def nucleus_threshold(probs_BV: jax.Array, top_p: float, iterations: int = 32) -> jax.Array:
+    """Per row, the largest t whose tokens with probability >= t hold at least ``top_p`` of the mass.
+
+    Keeping ``probs >= t`` is nucleus sampling (the smallest most-probable set reaching ``top_p``,
+    the token that crosses it included). Found by bisection on t: ``iterations`` masked sums over the
+    vocabulary instead of a sort, which on CPU costs about 100x more at Qwen's 151,936 tokens.
+    """
+    lo_B1 = jnp.zeros((*probs_BV.shape[:-1], 1), probs_BV.dtype)
+    hi_B1 = jnp.max(probs_BV, axis=-1, keepdims=True)
+
+    def halve(_, bounds):
+        lo_B1, hi_B1 = bounds
+        mid_B1 = (lo_B1 + hi_B1) / 2
+        enough_B1 = jnp.sum(jnp.where(probs_BV >= mid_B1, probs_BV, 0), axis=-1, keepdims=True) >= top_p
+        return jnp.where(enough_B1, mid_B1, lo_B1), jnp.where(enough_B1, hi_B1, mid_B1)
+
+    lo_B1, hi_B1 = jax.lax.fori_loop(0, iterations, halve, (lo_B1, hi_B1))
+    # hi itself may already hold enough mass (e.g. one token above top_p): then keep just the top.
+    top_enough_B1 = jnp.sum(jnp.where(probs_BV >= hi_B1, probs_BV, 0), axis=-1, keepdims=True) >= top_p
+    return jnp.where(top_enough_B1, hi_B1, lo_B1)
+
+
+def inverse_cdf_sample(probs_BV: jax.Array, rng: jax.Array) -> jax.Array:
+    """One draw per row from unnormalised probabilities, with one uniform number per row.
+
+    Never returns a zero-probability token. ``jax.random.categorical`` draws B x V Gumbel numbers
+    instead, several times slower on CPU for a large vocabulary.
+    """
+    cdf_BV = jnp.cumsum(probs_BV, axis=-1)
+    u_B1 = jax.random.uniform(rng, (*cdf_BV.shape[:-1], 1), cdf_BV.dtype) * cdf_BV[..., -1:]
+    return jnp.minimum(jnp.sum(cdf_BV <= u_B1, axis=-1), probs_BV.shape[-1] - 1)
+
+
 def _sample_token(logits_BV: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row; returns ids ``[B]`` and their log-probs ``[B]``."""
     logits_BV = logits_BV.astype(jnp.float32)
     if cfg.temperature == 0:
+        logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
         token_B = jnp.argmax(logits_BV, axis=-1)
-        logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
     else:
-        logits_BV = logits_BV / cfg.temperature
-        logprobs_BV = jax.nn.log_softmax(logits_BV, axis=-1)
+        logprobs_BV = jax.nn.log_softmax(logits_BV / cfg.temperature, axis=-1)
+        probs_BV = jnp.exp(logprobs_BV)
         if cfg.top_p < 1.0:
-            sorted_BV = jnp.sort(logits_BV, axis=-1)[:, ::-1]
-            probs_BV = jax.nn.softmax(sorted_BV, axis=-1)
-            mass_before_BV = jnp.cumsum(probs_BV, axis=-1) - probs_BV
-            keep_BV = mass_before_BV < cfg.top_p
-            threshold_B1 = jnp.min(jnp.where(keep_BV, sorted_BV, jnp.inf), axis=-1, keepdims=True)
-            logits_BV = jnp.where(logits_BV >= threshold_B1, logits_BV, -jnp.inf)
-        token_B = jax.random.categorical(rng, logits_BV, axis=-1)
+            probs_BV = jnp.where(probs_BV >= nucleus_threshold(probs_BV, cfg.top_p), probs_BV, 0.0)
+        token_B = inverse_cdf_sample(probs_BV, rng)
     return token_B, jnp.take_along_axis(logprobs_BV, token_B[:, None], axis=-1)[:, 0]
 
 
