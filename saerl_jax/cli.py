@@ -9,6 +9,7 @@ from pathlib import Path
 
 import yaml
 
+from sae.job import TrainSAEJob, run_train_sae
 from saerl_jax.demo import DemoConfig, run_demo
 
 
@@ -30,15 +31,47 @@ def _demo_parser(sub) -> None:
     p.set_defaults(run=lambda args: run_demo(_to_config(DemoConfig, args)))
 
 
+def _train_sae_parser(sub) -> None:
+    d = TrainSAEJob
+    p = sub.add_parser("train-sae", help="train a sparse autoencoder on a Qwen2 model's layer activations")
+    _add_config_option(p)
+    p.add_argument("--model", type=Path, help="local HF Qwen2 directory")
+    p.add_argument("--layer", type=int, help="capture layer L (output_hidden_states[L])")
+    p.add_argument("--data", type=Path, help=".txt (a document per line) or .jsonl (text or question)")
+    p.add_argument("--out", type=Path, help="output directory (SAELens files, metrics.json)")
+    p.add_argument("--activations", type=Path, help="train on cached *.npy activation shards from this directory")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: --model)")
+    p.add_argument("--architecture", choices=["topk", "batchtopk", "relu", "jumprelu"], default=d.architecture)
+    p.add_argument("--d-sae", type=int, help="number of latents (default: 8 x hidden size)")
+    p.add_argument("--k", type=int, default=d.k, help="active latents per token, topk/batchtopk (%(default)s)")
+    p.add_argument("--no-normalize", dest="normalize_activations", action="store_false", help="no input scaling")
+    p.add_argument("--steps", type=int, default=d.steps, help="optimizer steps (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="activations per step (%(default)s)")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 2e-4 / sqrt(d_sae / 16384))")
+    p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="tokens kept per document (%(default)s)")
+    p.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out documents (%(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
+    p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+
+    p.set_defaults(run=lambda args: run_train_sae(_to_config(TrainSAEJob, args)))
+
+
 def _to_config(cls, args: argparse.Namespace):
-    names = {f.name for f in dataclasses.fields(cls)}
-    return cls(**{k: v for k, v in vars(args).items() if k in names})
+    """The command's dataclass from parsed options; a required option given nowhere is an error."""
+    fields = dataclasses.fields(cls)
+    required = [f.name for f in fields if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    missing = [name for name in required if getattr(args, name, None) is None]
+    if missing:
+        options = ", ".join("--" + name.replace("_", "-") for name in missing)
+        raise SystemExit(f"saerl {args.command}: missing required option(s) {options} (flag or --config file)")
+    return cls(**{f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)})
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saerl", description="SAE-guided data engineering for RL post-training")
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
+    _train_sae_parser(sub)
     return parser
 
 

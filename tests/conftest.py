@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
+import tokenizers
+
+from saerl_jax.data import SYSTEM_PROMPT
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -68,3 +73,19 @@ def padded_batch(lengths, total, vocab, *, side, seed=0):
         else:
             mask[row, :n] = 1
     return ids, mask
+
+
+def save_tiny_tokenizer(directory: Path, special_tokens: list[str]) -> None:
+    """Trains a byte-level BPE on a few strings and saves it the way transformers does."""
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=special_tokens,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
+    )
+    corpus = [SYSTEM_PROMPT, "system user assistant", "What is 1+1? The answer is 2.", "\\frac{1}{2} \\boxed{}"]
+    tokenizer.train_from_iterator(corpus * 10, trainer)
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
+    fast.save_pretrained(directory)

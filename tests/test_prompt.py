@@ -12,6 +12,8 @@ import pytest
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
+from conftest import save_tiny_tokenizer  # noqa: E402
+
 from saerl_jax.data import SYSTEM_PROMPT, FormattedExample, format_example, load_tokenizer, render_prompt  # noqa: E402
 
 IM_START, IM_END, ENDOFTEXT = 151644, 151645, 151643
@@ -192,22 +194,6 @@ def test_load_tokenizer_needs_both_vocab_and_merges(tmp_path):
     shutil.copy(QWEN_DIR / "tokenizer_config.json", tmp_path / "tokenizer_config.json")
     tokenizer = load_tokenizer(tmp_path)
     assert tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"]) == [IM_START, IM_END]
-
-
-def save_tiny_tokenizer(directory: Path, special_tokens: list[str]) -> None:
-    """Trains a byte-level BPE on a few strings and saves it the way transformers does."""
-    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
-    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = tokenizers.decoders.ByteLevel()
-    trainer = tokenizers.trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=special_tokens,
-        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet(),
-    )
-    corpus = [SYSTEM_PROMPT, "system user assistant", "What is 1+1? The answer is 2.", "\\frac{1}{2} \\boxed{}"]
-    tokenizer.train_from_iterator(corpus * 10, trainer)
-    fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
-    fast.save_pretrained(directory)
 
 
 def test_tiny_tokenizer_formats_exactly(tmp_path):

@@ -349,14 +349,40 @@ class Qwen2(nnx.Module):
         cache_index: jax.Array | int = 0,
     ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
         """Residual stream after ``num_layers`` blocks (all by default), and the updated cache."""
-        x_BTD = self.embed_tokens(input_ids_BT)
+        return self.run_layers(
+            self.embed_tokens(input_ids_BT),
+            positions_BT,
+            mask_BTS,
+            stop=num_layers,
+            cache=cache,
+            cache_index=cache_index,
+        )
+
+    def run_layers(
+        self,
+        x_BTD: jax.Array,
+        positions_BT: jax.Array,
+        mask_BTS: jax.Array,
+        *,
+        start: int = 0,
+        stop: int | None = None,
+        cache: tuple[LayerCache, ...] | None = None,
+        cache_index: jax.Array | int = 0,
+    ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
+        """Runs blocks ``start .. stop`` on a residual stream (e.g. one with an SAE reconstruction spliced in).
+
+        With a cache, ``cache[i]`` belongs to block i and the returned cache has the same length.
+        """
+        stop = self.config.num_hidden_layers if stop is None else stop
         cos_sin = rotary_cos_sin(positions_BT, self.config.head_dim, self.config.rope_theta, self.dtype)
-        layers = self.layers[: self.config.num_hidden_layers if num_layers is None else num_layers]
-        new_cache = []
-        for i, layer in enumerate(layers):
-            x_BTD, layer_cache = layer(x_BTD, cos_sin, mask_BTS, None if cache is None else cache[i], cache_index)
-            new_cache.append(layer_cache)
-        return x_BTD, None if cache is None else tuple(new_cache)
+        new_cache = None if cache is None else list(cache)
+        for i in range(start, stop):
+            x_BTD, layer_cache = self.layers[i](
+                x_BTD, cos_sin, mask_BTS, None if cache is None else cache[i], cache_index
+            )
+            if new_cache is not None:
+                new_cache[i] = layer_cache
+        return x_BTD, None if new_cache is None else tuple(new_cache)
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """Final RMSNorm and LM head: ``[..., D] -> [..., V]``."""

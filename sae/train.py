@@ -1,0 +1,311 @@
+"""SAE training with optax: one jitted pure step, a thin resumable loop with Orbax checkpoints.
+
+Losses are on the scale of the fraction of variance unexplained (FVU) of the normalised input:
+- topk / batchtopk: FVU + ``auxk_alpha`` * AuxK, the residual reconstructed by the top ``d_in // 2``
+  dead latents (Gao et al. 2024, "Scaling and evaluating sparse autoencoders");
+- relu: FVU + ``l1_coefficient`` (linear warm-up) * sum_f |code_f| * ||W_dec[f]||;
+- jumprelu: FVU + ``l0_coefficient`` * L0, with straight-through threshold gradients through a
+  rectangle kernel of width ``jumprelu_bandwidth`` (Rajamanoharan et al. 2024, "Jumping Ahead").
+Decoder rows are renormalised to unit length after every update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from tqdm.auto import tqdm
+
+from sae.model import SparseAutoencoder, batch_topk_codes, topk_codes
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    """How an SAE is trained."""
+
+    total_steps: int = 2000
+    """Optimizer steps."""
+    batch_size: int = 4096
+    """Activations per step."""
+    lr: float | None = None
+    """Peak learning rate; None uses 2e-4 / sqrt(d_sae / 2**14) (sparsify's scaling)."""
+    warmup_steps: int = 100
+    """Linear warm-up from 0 to ``lr``."""
+    decay_fraction: float = 0.2
+    """Final fraction of the steps over which the rate decays linearly to 0."""
+    auxk_alpha: float = 1 / 32
+    """Weight of the AuxK loss (topk / batchtopk)."""
+    dead_after_tokens: int = 1_000_000
+    """A latent that has not fired for this many activations is dead (AuxK and metrics)."""
+    l1_coefficient: float = 1.0
+    """Sparsity weight of the relu architecture."""
+    l1_warmup_steps: int = 100
+    """Linear warm-up of the L1 weight."""
+    l0_coefficient: float = 0.01
+    """Sparsity weight of the jumprelu architecture."""
+    jumprelu_bandwidth: float = 0.05
+    """Width of the rectangle kernel of the JumpReLU pseudo-gradient."""
+    jumprelu_init_threshold: float = 0.05
+    """Initial JumpReLU threshold."""
+    threshold_momentum: float = 0.99
+    """EMA momentum of the BatchTopK inference threshold."""
+    seed: int = 0
+    """Seeds initialisation and data order."""
+    checkpoint_every: int = 500
+    """Steps between Orbax checkpoints (and at the end)."""
+
+    def __post_init__(self) -> None:
+        if self.total_steps < 1 or self.batch_size < 1:
+            raise ValueError("total_steps and batch_size must be >= 1")
+        if not 0 <= self.decay_fraction <= 1:
+            raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
+
+
+def learning_rate(cfg: TrainConfig, d_sae: int) -> optax.Schedule:
+    """Warm-up, constant, then linear decay to zero."""
+    peak = cfg.lr if cfg.lr is not None else 2e-4 / (d_sae / 2**14) ** 0.5
+    decay_steps = max(1, int(cfg.total_steps * cfg.decay_fraction))
+    flat_steps = max(0, cfg.total_steps - cfg.warmup_steps - decay_steps)
+    return optax.join_schedules(
+        [
+            optax.linear_schedule(0.0, peak, max(1, cfg.warmup_steps)),
+            optax.constant_schedule(peak),
+            optax.linear_schedule(peak, 0.0, decay_steps),
+        ],
+        [max(1, cfg.warmup_steps), max(1, cfg.warmup_steps) + flat_steps],
+    )
+
+
+def make_optimizer(cfg: TrainConfig, d_sae: int) -> optax.GradientTransformation:
+    return optax.adam(learning_rate(cfg, d_sae))
+
+
+def _rectangle(u):
+    return ((u > -0.5) & (u < 0.5)).astype(u.dtype)
+
+
+@jax.custom_vjp
+def jumprelu_ste(pre, threshold, bandwidth):
+    """``pre * (pre > threshold)`` with the straight-through threshold gradient."""
+    return jnp.where(pre > threshold, pre, 0.0)
+
+
+def _jumprelu_fwd(pre, threshold, bandwidth):
+    return jumprelu_ste(pre, threshold, bandwidth), (pre, threshold, bandwidth)
+
+
+def _jumprelu_bwd(res, g):
+    pre, threshold, bandwidth = res
+    d_threshold = -(threshold / bandwidth) * _rectangle((pre - threshold) / bandwidth) * g
+    return (pre > threshold) * g, d_threshold.sum(axis=tuple(range(pre.ndim - 1))), None
+
+
+jumprelu_ste.defvjp(_jumprelu_fwd, _jumprelu_bwd)
+
+
+@jax.custom_vjp
+def step_ste(pre, threshold, bandwidth):
+    """Heaviside ``pre > threshold`` with the straight-through threshold gradient (for L0)."""
+    return (pre > threshold).astype(pre.dtype)
+
+
+def _step_fwd(pre, threshold, bandwidth):
+    return step_ste(pre, threshold, bandwidth), (pre, threshold, bandwidth)
+
+
+def _step_bwd(res, g):
+    pre, threshold, bandwidth = res
+    d_threshold = -(1.0 / bandwidth) * _rectangle((pre - threshold) / bandwidth) * g
+    return jnp.zeros_like(pre), d_threshold.sum(axis=tuple(range(pre.ndim - 1))), None
+
+
+step_ste.defvjp(_step_fwd, _step_bwd)
+
+
+def sae_loss(sae: SparseAutoencoder, x_ND: jax.Array, dead_F: jax.Array, step: jax.Array, cfg: TrainConfig):
+    """Training loss of one batch of raw activations; returns ``(loss, (codes, metrics))``."""
+    arch, k = sae.config.architecture, sae.config.k
+    pre_NF = sae.pre_acts(x_ND)
+    x_ND = sae.normalize(x_ND)
+    if arch == "topk":
+        codes_NF = topk_codes(pre_NF, k)
+    elif arch == "batchtopk":
+        codes_NF = batch_topk_codes(pre_NF, k)
+    elif arch == "relu":
+        codes_NF = jax.nn.relu(pre_NF)
+    else:
+        codes_NF = jumprelu_ste(pre_NF, sae.threshold[...], cfg.jumprelu_bandwidth)
+    x_hat_ND = codes_NF @ sae.W_dec[...] + sae.b_dec[...]
+    err_ND = x_ND - x_hat_ND
+    total_var = jnp.sum((x_ND - x_ND.mean(axis=0)) ** 2)
+    fvu = jnp.sum(err_ND**2) / total_var
+    metrics = {"fvu": fvu, "l0": jnp.mean(jnp.sum(codes_NF > 0, axis=-1))}
+    loss = fvu
+    if arch in ("topk", "batchtopk"):
+        k_aux = min(sae.config.d_in // 2, sae.config.d_sae)
+        aux_codes_NF = topk_codes(jnp.where(dead_F, pre_NF, -jnp.inf), k_aux)
+        aux_hat_ND = aux_codes_NF @ sae.W_dec[...]
+        scale = jnp.minimum(jnp.sum(dead_F) / k_aux, 1.0)
+        auxk = scale * jnp.sum((aux_hat_ND - jax.lax.stop_gradient(err_ND)) ** 2) / total_var
+        metrics["auxk"] = auxk
+        loss = loss + cfg.auxk_alpha * auxk
+    elif arch == "relu":
+        coef = cfg.l1_coefficient * jnp.minimum(1.0, (step + 1) / max(1, cfg.l1_warmup_steps))
+        l1 = jnp.mean(jnp.sum(codes_NF * jnp.linalg.norm(sae.W_dec[...], axis=-1), axis=-1))
+        metrics["l1"] = l1
+        loss = loss + coef * l1
+    else:
+        l0 = jnp.mean(jnp.sum(step_ste(pre_NF, sae.threshold[...], cfg.jumprelu_bandwidth), axis=-1))
+        loss = loss + cfg.l0_coefficient * l0
+    metrics["loss"] = loss
+    return loss, (codes_NF, metrics)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
+def train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, state: dict[str, Any], x_ND: jax.Array):
+    """One optimizer step: ``(state, batch) -> (state, metrics)``, a pure function jitted once."""
+    tx = make_optimizer(cfg, state["params"]["b_enc"].shape[0])
+    dead_F = state["since_fired"] > cfg.dead_after_tokens
+
+    def loss_fn(params):
+        return sae_loss(nnx.merge(graphdef, params, state["rest"]), x_ND, dead_F, state["step"], cfg)
+
+    (_, (codes_NF, metrics)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
+    updates, opt = tx.update(grads, state["opt"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    values = nnx.to_pure_dict(params)
+    values["W_dec"] = values["W_dec"] / jnp.linalg.norm(values["W_dec"], axis=-1, keepdims=True)
+    if "threshold" in values:
+        values["threshold"] = jnp.maximum(values["threshold"], 0.0)
+    nnx.replace_by_pure_dict(params, values)
+    rest = state["rest"]
+    if "threshold" in rest:  # BatchTopK: EMA of the smallest kept activation, the inference threshold.
+        smallest = jnp.min(jnp.where(codes_NF > 0, codes_NF, jnp.inf))
+        old = rest["threshold"][...]
+        mixed = cfg.threshold_momentum * old + (1 - cfg.threshold_momentum) * smallest
+        new = jnp.where(state["step"] == 0, smallest, mixed).astype(old.dtype)
+        nnx.replace_by_pure_dict(rest, nnx.to_pure_dict(rest) | {"threshold": new})
+    fired_F = jnp.any(codes_NF > 0, axis=0)
+    since_fired = jnp.where(fired_F, 0, state["since_fired"] + x_ND.shape[0])
+    metrics["dead_fraction"] = jnp.mean(since_fired > cfg.dead_after_tokens)
+    new_state = {"params": params, "rest": rest, "opt": opt, "step": state["step"] + 1, "since_fired": since_fired}
+    return new_state, metrics
+
+
+def init_state(sae: SparseAutoencoder, cfg: TrainConfig, first_batch_ND: np.ndarray):
+    """Training state: b_dec at the first batch's mean, the input scale estimated from it, Adam at zero."""
+    if sae.config.normalize_activations == "expected_average_only_in":
+        mean_sq = float(np.mean(np.sum(first_batch_ND.astype(np.float64) ** 2, axis=-1)))
+        sae.norm_scale.set_value(jnp.asarray((sae.config.d_in / mean_sq) ** 0.5, jnp.float32))
+    sae.b_dec.set_value(sae.normalize(jnp.asarray(first_batch_ND.mean(axis=0))).astype(sae.b_dec.dtype))
+    if sae.config.architecture == "jumprelu":
+        sae.threshold.set_value(jnp.full_like(sae.threshold[...], cfg.jumprelu_init_threshold))
+    graphdef, params, rest = nnx.split(sae, nnx.Param, ...)
+    state = {
+        "params": params,
+        "rest": rest,
+        "opt": make_optimizer(cfg, sae.config.d_sae).init(params),
+        "step": jnp.int32(0),
+        "since_fired": jnp.zeros((sae.config.d_sae,), jnp.int32),
+    }
+    return graphdef, state
+
+
+def train(
+    sae: SparseAutoencoder,
+    source,
+    cfg: TrainConfig,
+    *,
+    checkpoint_dir: str | os.PathLike | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> tuple[SparseAutoencoder, list[dict[str, float]]]:
+    """Trains ``sae`` on batches of ``source`` (see :mod:`sae.activations`) for ``cfg.total_steps``.
+
+    With ``checkpoint_dir``, an Orbax checkpoint (state + data position) is written every
+    ``cfg.checkpoint_every`` steps and at the end, and an existing one is resumed exactly.
+    ``stop_after`` ends the run early after that many steps in total (for interrupt tests).
+
+    Returns:
+      The trained SAE and the metrics of every step (host floats, read one step late).
+    """
+    manager = _checkpoint_manager(checkpoint_dir, cfg)
+    position = [0, 0]
+    batches = source.iterate(position)
+    first, position = next(batches)
+    graphdef, state = init_state(sae, cfg, first)
+    if manager is not None and manager.latest_step() is not None:
+        restored = manager.restore(
+            manager.latest_step(),
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
+                data=ocp.args.JsonRestore(),
+            ),
+        )
+        state, position = restored["state"], restored["data"]["position"]
+        batches = source.iterate(position)
+    else:
+        batches = _chain_first(first, position, batches)
+    end = cfg.total_steps if stop_after is None else min(stop_after, cfg.total_steps)
+    history: list[dict[str, float]] = []
+    pending = None
+    start_step = int(state["step"])
+    bar = tqdm(total=end, initial=start_step, disable=not progress, desc="train-sae", unit="step")
+    started = time.perf_counter()
+    for step in range(start_step, end):
+        x_ND, position = next(batches)
+        state, metrics = train_step(graphdef, cfg, state, jnp.asarray(x_ND))
+        if pending is not None:  # read the previous step's metrics: dispatch stays asynchronous
+            history.append(_record(pending, bar, started, step - start_step, cfg.batch_size))
+        pending = metrics
+        if manager is not None and (step + 1) % cfg.checkpoint_every == 0:
+            _save(manager, step + 1, state, position)
+    if pending is not None:
+        history.append(_record(pending, bar, started, end - start_step, cfg.batch_size))
+    bar.close()
+    if manager is not None and int(state["step"]) not in (manager.all_steps() or []):
+        _save(manager, int(state["step"]), state, position)
+    if manager is not None:
+        manager.wait_until_finished()
+    return nnx.merge(graphdef, state["params"], state["rest"]), history
+
+
+def _chain_first(first, position_after_first, rest):
+    yield first, position_after_first
+    yield from rest
+
+
+def _record(metrics, bar, started, steps_done, batch_size) -> dict[str, float]:
+    row = {name: float(value) for name, value in metrics.items()}
+    if not np.isfinite(row["loss"]):
+        raise FloatingPointError(f"SAE loss became {row['loss']} (lower the learning rate?)")
+    rate = steps_done * batch_size / max(time.perf_counter() - started, 1e-9)
+    bar.set_postfix(fvu=f"{row['fvu']:.3f}", l0=f"{row['l0']:.1f}", act_per_s=f"{rate:,.0f}")
+    bar.update(1)
+    return row
+
+
+def _checkpoint_manager(directory, cfg: TrainConfig) -> ocp.CheckpointManager | None:
+    if directory is None:
+        return None
+    options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+    return ocp.CheckpointManager(Path(directory).absolute(), options=options)
+
+
+def _save(manager: ocp.CheckpointManager, step: int, state, position) -> None:
+    manager.save(
+        step,
+        args=ocp.args.Composite(
+            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"position": list(position)})
+        ),
+    )
