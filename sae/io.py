@@ -141,11 +141,19 @@ def load_sparsify(path: str | os.PathLike) -> SparseAutoencoder:
     source = str(path / "sae.safetensors")
     if "encoder.weight" not in tensors:
         raise ValueError(f"{source}: missing tensor encoder.weight (not a sparsify checkpoint)")
-    d_sae, d_in = tensors["encoder.weight"].shape
+    # Widths from W_dec (or encoder.weight without it), so a bad encoder tensor is blamed by its own name.
+    widths = "W_dec" if "W_dec" in tensors else "encoder.weight"
+    if tensors[widths].ndim != 2:
+        raise ValueError(f"{source}: tensor {widths} has shape {list(tensors[widths].shape)}, expected 2-D")
+    d_sae, d_in = tensors[widths].shape
     if raw.get("num_latents", d_sae) not in (0, d_sae):
-        raise ValueError(f"{path / CFG_FILE}: num_latents {raw['num_latents']} but encoder.weight has {d_sae} rows")
+        raise ValueError(f"{path / CFG_FILE}: num_latents {raw['num_latents']} but {widths} has {d_sae} rows")
     if raw.get("skip_connection"):
         raise ValueError(f"{path / CFG_FILE}: skip_connection SAEs are not supported")
+    expected = {"encoder.weight": (d_sae, d_in), "encoder.bias": (d_sae,), "W_dec": (d_sae, d_in), "b_dec": (d_in,)}
+    for name, shape in expected.items():
+        if name in tensors and tuple(tensors[name].shape) != shape:
+            raise ValueError(f"{source}: tensor {name} has shape {list(tensors[name].shape)}, expected {list(shape)}")
     arrays = {
         "W_enc": tensors.pop("encoder.weight").T,
         "b_enc": tensors.pop("encoder.bias", np.zeros(d_sae, np.float32)),

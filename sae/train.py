@@ -211,6 +211,7 @@ def init_state(sae: SparseAutoencoder, cfg: TrainConfig, first_batch_ND: np.ndar
     if sae.config.architecture == "jumprelu":
         sae.threshold.set_value(jnp.full_like(sae.threshold[...], cfg.jumprelu_init_threshold))
     graphdef, params, rest = nnx.split(sae, nnx.Param, ...)
+    params, rest = jax.tree.map(jnp.copy, (params, rest))  # the step donates its state; the caller's SAE stays
     state = {
         "params": params,
         "rest": rest,
@@ -269,6 +270,8 @@ def train(
             history.append(_record(pending, bar, started, step - start_step, cfg.batch_size))
         pending = metrics
         if manager is not None and (step + 1) % cfg.checkpoint_every == 0:
+            history.append(_record(pending, bar, started, step + 1 - start_step, cfg.batch_size))
+            pending = None  # checked finite before it is saved: a NaN state never reaches a checkpoint
             _save(manager, step + 1, state, position)
     if pending is not None:
         history.append(_record(pending, bar, started, end - start_step, cfg.batch_size))
