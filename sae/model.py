@@ -130,9 +130,10 @@ class SparseAutoencoder(nnx.Module):
     def pre_acts(self, x: jax.Array) -> jax.Array:
         """Encoder pre-activations ``[..., F]`` of raw inputs ``[..., D]``."""
         x = self.normalize(x.astype(self.W_enc.dtype))
-        if self.config.apply_b_dec_to_input:
-            x = x - self.b_dec[...]
-        return x @ self.W_enc[...] + self.b_enc[...]
+        b_enc = self.b_enc[...]
+        if self.config.apply_b_dec_to_input:  # (x - b_dec) W + b = x W + (b - b_dec W): one [N, D] pass fewer
+            b_enc = b_enc - self.b_dec[...] @ self.W_enc[...]
+        return x @ self.W_enc[...] + b_enc
 
     def activate(self, pre_NF: jax.Array) -> jax.Array:
         """Inference activation rule for ``[N, F]`` pre-activations."""

@@ -153,10 +153,14 @@ def sae_loss(sae: SparseAutoencoder, x_ND: jax.Array, dead_F: jax.Array, step: j
     loss = fvu
     if arch in ("topk", "batchtopk"):
         k_aux = min(sae.config.d_in // 2, sae.config.d_sae)
-        aux_codes_NF = topk_codes(jnp.where(dead_F, pre_NF, -jnp.inf), k_aux)
-        aux_hat_ND = aux_codes_NF @ sae.W_dec[...]
-        scale = jnp.minimum(jnp.sum(dead_F) / k_aux, 1.0)
-        auxk = scale * jnp.sum((aux_hat_ND - jax.lax.stop_gradient(err_ND)) ** 2) / total_var
+
+        def auxk_loss(pre_NF, w_dec_FD):
+            aux_hat_ND = topk_codes(jnp.where(dead_F, pre_NF, -jnp.inf), k_aux) @ w_dec_FD
+            scale = jnp.minimum(jnp.sum(dead_F) / k_aux, 1.0)
+            return scale * jnp.sum((aux_hat_ND - jax.lax.stop_gradient(err_ND)) ** 2) / total_var
+
+        # Skipped (exactly 0) while no latent is dead: a top-k and a dense decode saved on most steps.
+        auxk = jax.lax.cond(jnp.any(dead_F), auxk_loss, lambda *_: jnp.zeros((), fvu.dtype), pre_NF, sae.W_dec[...])
         metrics["auxk"] = auxk
         loss = loss + cfg.auxk_alpha * auxk
     elif arch == "relu":

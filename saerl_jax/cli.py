@@ -11,6 +11,8 @@ import yaml
 
 from sae.job import TrainSAEJob, run_train_sae
 from saerl_jax.demo import DemoConfig, run_demo
+from saerl_jax.engineering.run import EngineerJob, run_engineer
+from saerl_jax.features.extract import ExtractJob, run_extract
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -20,14 +22,20 @@ def _add_config_option(parser: argparse.ArgumentParser) -> None:
 
 
 def _demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="run the end-to-end demo on the embedded default")
+    d = DemoConfig
+    p = sub.add_parser("demo", help="run the SAERL pipeline on the embedded tiny-math world")
     _add_config_option(p)
-    p.add_argument("--out", type=Path, default=DemoConfig.out, help="output directory (default: %(default)s)")
-    p.add_argument("--model", type=Path, help="local HF Qwen2 directory (default: a random Qwen2.5-Math-shaped model)")
-    p.add_argument("--layer", type=int, help="layer whose residual stream is captured (default: num_layers - 1)")
-    p.add_argument("--batch-size", type=int, default=DemoConfig.batch_size, help="prompts per batch (%(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=DemoConfig.max_new_tokens, help="sampled tokens (%(default)s)")
-    p.add_argument("--seed", type=int, default=DemoConfig.seed, help="random seed (%(default)s)")
+    p.add_argument("--out", type=Path, default=d.out, help="output directory (default: %(default)s)")
+    p.add_argument("--assets", type=Path, default=d.assets, help="tiny-math directory (default: the shipped one)")
+    p.add_argument("--model", type=Path, help="local HF Qwen2 directory (default: ASSETS/model)")
+    p.add_argument("--sae", type=Path, help="SAE directory, SAELens layout (default: ASSETS/sae)")
+    p.add_argument("--problems", type=int, default=d.problems, help="pool problems encoded (%(default)s)")
+    p.add_argument("--feature-problems", type=int, help="pool problems in the feature store (default: all)")
+    p.add_argument("--eval-problems", type=int, default=d.eval_problems, help="held-out problems (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per batch (%(default)s)")
+    p.add_argument("--n-clusters", type=int, default=d.n_clusters, help="feature-space clusters (%(default)s)")
+    p.add_argument("--plan-batch-size", type=int, default=d.plan_batch_size, help="curriculum batch (%(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
     p.set_defaults(run=lambda args: run_demo(_to_config(DemoConfig, args)))
 
 
@@ -56,6 +64,56 @@ def _train_sae_parser(sub) -> None:
     p.set_defaults(run=lambda args: run_train_sae(_to_config(TrainSAEJob, args)))
 
 
+def _extract_parser(sub) -> None:
+    d = ExtractJob
+    p = sub.add_parser("extract", help="pool SAE codes of a model's layer activations into a feature store")
+    _add_config_option(p)
+    p.add_argument("--model", type=Path, help="local HF Qwen2 directory")
+    p.add_argument("--data", type=Path, help="problems, .jsonl or .parquet (DeepMath-103K schema)")
+    p.add_argument("--out", type=Path, help="feature store directory")
+    p.add_argument("--sae", type=Path, help="SAE directory (SAELens layout)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: --model)")
+    p.add_argument("--layer", type=int, help="capture layer (default: the SAE's hook_layer)")
+    p.add_argument("--dense", action="store_true", help="pool dense hidden states instead of SAE codes")
+    p.add_argument("--n-latents", type=int, default=d.n_latents, help="most frequent latents kept (%(default)s)")
+    p.add_argument("--latent-ids", type=Path, help="JSON list of latent ids to keep instead")
+    p.add_argument("--selection-sample", type=int, help="count latent frequencies on this many problems (all)")
+    p.add_argument("--solution-field", default=d.solution_field, help="solution pooled (%(default)s)")
+    p.add_argument("--max-solution-tokens", type=int, default=d.max_solution_tokens, help="(%(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per batch (%(default)s)")
+    p.add_argument("--part-size", type=int, default=d.part_size, help="samples per store part (%(default)s)")
+    p.add_argument("--outlier-factor", type=float, default=d.outlier_factor, help="norm/median cut (%(default)s)")
+    p.add_argument("--num-shards", type=int, help="workers sharing the store (default: JAX process count)")
+    p.add_argument("--shard-index", type=int, help="this worker (default: JAX process index)")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid rows (reported) instead of stopping")
+    p.add_argument("--column", action="append", default=[], help="FIELD=COLUMN mapping, repeatable")
+    p.add_argument("--seed", type=int, default=d.seed, help="selection sample seed (%(default)s)")
+    p.set_defaults(run=lambda args: run_extract(_to_config(ExtractJob, args)))
+
+
+def _engineer_parser(sub) -> None:
+    d = EngineerJob
+    p = sub.add_parser("engineer", help="quality filter, clusters, difficulty and a curriculum plan from a store")
+    _add_config_option(p)
+    p.add_argument("--store", type=Path, help="feature store directory (saerl extract)")
+    p.add_argument("--data", type=Path, help="the problems file the store was made from (labels)")
+    p.add_argument("--out", type=Path, help="output directory (plan.json, report.json, plan.png)")
+    p.add_argument("--n-clusters", type=int, default=d.n_clusters, help="clusters (%(default)s)")
+    p.add_argument("--n-labelled", type=int, default=d.n_labelled, help="difficulty labels used (%(default)s)")
+    p.add_argument("--difficulty", choices=["sae", "external"], default=d.difficulty, help="(%(default)s)")
+    p.add_argument("--quality-threshold", type=float, default=d.quality_threshold, help="(%(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="plan batch size (%(default)s)")
+    p.add_argument("--n-stages", type=int, default=d.n_stages, help="curriculum stages (%(default)s)")
+    p.add_argument("--mixing-ratio", type=float, default=d.mixing_ratio, help="(%(default)s)")
+    p.add_argument("--no-sort", dest="sort", action="store_false", help="ablation: no easy-to-hard sorting")
+    p.add_argument("--no-cluster", dest="cluster", action="store_false", help="ablation: no cluster-first batches")
+    p.add_argument("--order", choices=["curriculum", "random"], default=d.order, help="(%(default)s)")
+    p.add_argument("--no-probes", dest="probes", action="store_false", help="skip the probe report")
+    p.add_argument("--probe-sample", type=int, default=d.probe_sample, help="rows the probes use (%(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
+    p.set_defaults(run=lambda args: run_engineer(_to_config(EngineerJob, args)))
+
+
 def _to_config(cls, args: argparse.Namespace):
     """The command's dataclass from parsed options; a required option given nowhere is an error."""
     fields = dataclasses.fields(cls)
@@ -64,7 +122,8 @@ def _to_config(cls, args: argparse.Namespace):
     if missing:
         options = ", ".join("--" + name.replace("_", "-") for name in missing)
         raise SystemExit(f"saerl {args.command}: missing required option(s) {options} (flag or --config file)")
-    return cls(**{f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)})
+    values = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
+    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -72,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _train_sae_parser(sub)
+    _extract_parser(sub)
+    _engineer_parser(sub)
     return parser
 
 

@@ -18,6 +18,9 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> P
     os.close(fd)
     try:
         write(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; the result should look like any written file
         os.replace(tmp, target)
     finally:
         if os.path.exists(tmp):

@@ -1,4 +1,4 @@
-"""The ``saerl`` command: the demo job and YAML option files."""
+"""The ``saerl`` command: the demo on the shipped tiny-math assets, and YAML option files."""
 
 from __future__ import annotations
 
@@ -6,28 +6,45 @@ import json
 
 import pytest
 
+import saerl_jax.cli as cli
 from saerl_jax.cli import main
-from saerl_jax.model import load_pretrained
+from saerl_jax.data.tinymath import DEFAULT_DIR as ASSETS
+from saerl_jax.demo import DemoConfig
 
 
-def test_demo_runs_and_writes_a_loadable_model(tmp_path, capsys):
-    assert main(["demo", "--out", str(tmp_path), "--batch-size", "2", "--max-new-tokens", "4"]) == 0
-    summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["layer"] == 3
-    assert [c["shape"] for c in summary["capture"]] == [[2, 20, 256], [2, 45, 256], [2, 100, 256]]
-    assert summary["generate"]["tokens_shape"] == [2, 4]
-    assert summary["generate"]["mean_logprob"] < 0
-    assert load_pretrained(tmp_path / "model").config.num_hidden_layers == 4
-    assert f"wrote {tmp_path / 'summary.json'}" in capsys.readouterr().out
+def test_demo_smoke_run_on_a_few_dozen_problems(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["demo", "--out", str(out), "--problems", "24", "--eval-problems", "16", "--batch-size", "16"]
+    argv += ["--feature-problems", "200", "--n-clusters", "4", "--plan-batch-size", "16"]
+    assert main(argv) == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["layer"] == json.loads((ASSETS / "sae" / "cfg.json").read_text())["metadata"]["hook_layer"]
+    assert summary["problems"] == 24 and summary["eval_problems"] == 16
+    assert 0.0 <= summary["sae"]["fvu"] < 1.0
+    assert summary["sae"]["l0"] > 0
+    assert 0.0 <= summary["accuracy"] <= 1.0
+    assert set(summary["not_run"]) == {"grpo"}
+    assert summary["features"]["samples"] == 200 and summary["features"]["columns"] == 4 * 240 + 5
+    probes = summary["engineering"]["probes"]["sae"]
+    assert probes["topic"]["accuracy"]["mean"] > probes["topic"]["majority_baseline"]
+    assert summary["engineering"]["plan"]["n_samples"] <= 200
+    assert (out / "plan" / "plan.json").is_file() and (out / "features" / "manifest.json").is_file()
+    report = (out / "report.md").read_text()
+    assert "| ce_loss_recovered |" in report and "![accuracy](accuracy.png)" in report
+    assert "topic probe accuracy: SAE" in report and "![plan](plan/plan.png)" in report
+    for name in ("accuracy.png", "latent_frequency.png", "features_pca.png", "plan/plan.png"):
+        assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    printed = capsys.readouterr().out
+    assert f"wrote {out / 'report.md'}" in printed and "skipped:" in printed
 
 
-def test_yaml_config_sets_options_and_flags_override_it(tmp_path):
+def test_yaml_config_sets_options_and_flags_override_it(tmp_path, monkeypatch):
+    seen = []
+    monkeypatch.setattr(cli, "run_demo", seen.append)
     config = tmp_path / "demo.yaml"
-    config.write_text(f"out: {tmp_path / 'from-yaml'}\nlayer: 1\nbatch_size: 1\nmax-new-tokens: 2\n")
-    main(["demo", "--config", str(config), "--layer", "2"])
-    summary = json.loads((tmp_path / "from-yaml" / "summary.json").read_text())
-    assert summary["layer"] == 2
-    assert summary["generate"]["tokens_shape"] == [1, 2]
+    config.write_text(f"out: {tmp_path / 'from-yaml'}\nproblems: 7\neval-problems: 5\n")
+    main(["demo", "--config", str(config), "--eval-problems", "3"])
+    assert seen == [DemoConfig(out=tmp_path / "from-yaml", problems=7, eval_problems=3)]
 
 
 def test_yaml_config_with_an_unknown_key_is_refused(tmp_path, capsys):
@@ -36,3 +53,8 @@ def test_yaml_config_with_an_unknown_key_is_refused(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["demo", "--config", str(config)])
     assert "unknown option(s) layers" in capsys.readouterr().err
+
+
+def test_demo_names_missing_assets(tmp_path):
+    with pytest.raises(FileNotFoundError, match="tokenizer"):
+        main(["demo", "--assets", str(tmp_path), "--out", str(tmp_path / "out")])

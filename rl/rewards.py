@@ -1,0 +1,145 @@
+"""Math rewards: math-verify answer extraction and equivalence, graded in worker processes with a deadline.
+
+``math_reward`` grades one completion in the calling process. math-verify guards its parsing with
+``signal.alarm``, which only works in a main thread, so outside one that guard is switched off and the
+caller is expected to bound the time itself, as :class:`RewardGrader` does: it grades in a pool of spawned
+worker processes (each runs in its own main thread), waits at most ``timeout_s`` per completion, scores a
+late or crashed one 0 and replaces the pool. No completion, however malformed, raises.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import multiprocessing
+import re
+import threading
+from collections.abc import Sequence
+
+from math_verify import parse, verify
+
+_BOXED = "\\boxed"
+
+
+def last_boxed(text: str) -> str | None:
+    """The content of the last ``\\boxed{...}`` in ``text`` (balanced braces), or None."""
+    start = text.rfind(_BOXED + "{")
+    if start < 0:
+        return None
+    depth, begin = 0, start + len(_BOXED)
+    for i in range(begin, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return text[begin + 1 : i]
+    return None
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().rstrip(".").lower()
+
+
+def math_reward(completion: str, final_answer: str) -> float:
+    """1.0 when the completion's last boxed answer equals ``final_answer`` (math-verify), else 0.0.
+
+    Only the last ``\\boxed{}`` counts, so listing several candidates earns nothing; without a boxed
+    answer the reward is 0. Gold answers that math-verify cannot parse (e.g. a word) are compared as
+    normalised strings.
+    """
+    try:
+        answer = last_boxed(completion)
+        if answer is None:
+            return 0.0
+        if _normalise(answer) == _normalise(final_answer):
+            return 1.0
+        guarded = threading.current_thread() is threading.main_thread()
+        timeouts = {} if guarded else {"parsing_timeout": None}
+        gold = parse(f"${final_answer}$", **timeouts)
+        pred = parse(f"${answer}$", extraction_mode="first_match", **timeouts)
+        if not gold or not pred:
+            return 0.0
+        return float(verify(gold, pred, **({} if guarded else {"timeout_seconds": None})))
+    except Exception:  # a reward never crashes training: an answer that cannot be graded is wrong
+        return 0.0
+
+
+def format_reward(completion: str) -> float:
+    """1.0 when the completion ends with exactly one boxed answer (trailing whitespace allowed), else 0.0."""
+    answer = last_boxed(completion)
+    if answer is None or completion.count(_BOXED + "{") != 1:
+        return 0.0
+    end = completion.rfind(_BOXED + "{") + len(_BOXED) + len(answer) + 2  # past the closing brace
+    return float(not completion[end:].strip())
+
+
+def _grade_many(pairs: list[tuple[str, str]]) -> list[float]:
+    return [math_reward(completion, answer) for completion, answer in pairs]
+
+
+class RewardGrader:
+    """Grades completions against answers in ``workers`` spawned processes, ``timeout_s`` per completion.
+
+    Worker start-up (up to ``startup_timeout_s``) happens before the per-completion clock starts.
+
+    Use as a context manager, or call :meth:`close`. ``workers=0`` grades in the calling process
+    (math-verify's own alarm then bounds the time; only valid in the main thread).
+    """
+
+    def __init__(self, workers: int = 2, timeout_s: float = 10.0, chunk: int = 16, startup_timeout_s: float = 120.0):
+        self.workers, self.timeout_s, self.chunk = workers, timeout_s, chunk
+        self.startup_timeout_s = startup_timeout_s
+        self._pool: cf.ProcessPoolExecutor | None = None
+
+    def _executor(self) -> cf.ProcessPoolExecutor:
+        """The pool, started and warmed (math-verify imported) before any deadline runs."""
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))
+            warm = [self._pool.submit(_grade_many, [("\\boxed{0.5}", "\\frac{1}{2}")]) for _ in range(self.workers)]
+            cf.wait(warm, timeout=self.startup_timeout_s)
+        return self._pool
+
+    def __call__(self, completions: Sequence[str], answers: Sequence[str]) -> list[float]:
+        if len(completions) != len(answers):
+            raise ValueError(f"{len(completions)} completions but {len(answers)} answers")
+        pairs = list(zip(completions, answers, strict=True))
+        if self.workers == 0:
+            return _grade_many(pairs)
+        chunks = [pairs[i : i + self.chunk] for i in range(0, len(pairs), self.chunk)]
+        futures = [self._executor().submit(_grade_many, chunk) for chunk in chunks]
+        rewards, broken = [], False
+        for chunk, future in zip(chunks, futures, strict=True):
+            try:
+                rewards += future.result(timeout=self.timeout_s * len(chunk))
+            except (cf.TimeoutError, cf.CancelledError, cf.process.BrokenProcessPool):
+                broken = True
+                rewards += self._one_by_one(chunk)
+        if broken:
+            self._restart()
+        return rewards
+
+    def _one_by_one(self, chunk: list[tuple[str, str]]) -> list[float]:
+        """Regrades a failed chunk one completion at a time in a fresh pool; the culprit scores 0."""
+        self._restart()
+        scores = []
+        for pair in chunk:
+            try:
+                scores += self._executor().submit(_grade_many, [pair]).result(timeout=self.timeout_s)
+            except (cf.TimeoutError, cf.process.BrokenProcessPool):
+                scores.append(0.0)
+                self._restart()
+        return scores
+
+    def _restart(self) -> None:
+        if self._pool is not None:
+            for process in list(getattr(self._pool, "_processes", {}).values()):
+                process.terminate()
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
+
+    def close(self) -> None:
+        """Stops the worker processes."""
+        self._restart()
+
+    def __enter__(self) -> RewardGrader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,208 @@
+"""``saerl engineer``: feature store + problems -> quality filter -> clusters -> difficulty -> curriculum plan,
+with probes, cluster explanations, ``report.json`` and PNG plots."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from saerl_jax.data.problems import load_problems
+from saerl_jax.engineering.difficulty import DifficultyModel
+from saerl_jax.engineering.diversity import Diversity
+from saerl_jax.engineering.planner import CurriculumPlanner, Plan
+from saerl_jax.engineering.probes import probe_report
+from saerl_jax.engineering.quality import QualityFilter
+from saerl_jax.features import METADATA_COLUMNS, load_store
+from saerl_jax.features.store import MANIFEST, file_hash
+from saerl_jax.io import atomic_write
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class EngineerJob:
+    """Options of ``saerl engineer``."""
+
+    store: Path
+    """Feature store from ``saerl extract``."""
+    data: Path
+    """The problems the store was made from (labels: ``source``, ``difficulty``, ``topic``)."""
+    out: Path
+    """Directory for ``plan.json``, ``report.json`` and plots."""
+    n_clusters: int = 64
+    """MiniBatchKMeans clusters."""
+    n_labelled: int = 3000
+    """Rows with a difficulty label the difficulty model may use."""
+    difficulty: Literal["sae", "external"] = "sae"
+    """Order by the calibrated SAE proxy, or by the dataset's own labels (ablation)."""
+    quality_threshold: float = 0.5
+    """Keep rows whose in-distribution probability is at least this (needs ``source`` labels)."""
+    batch_size: int = 128
+    """Plan batch size."""
+    n_stages: int = 4
+    """Curriculum stages."""
+    mixing_ratio: float = 0.25
+    """Share of each batch swapped with a neighbouring cluster's batch."""
+    sort: bool = True
+    """Easy to hard inside stages and clusters."""
+    cluster: bool = True
+    """Cluster-first batches."""
+    order: Literal["curriculum", "random"] = "curriculum"
+    """``random`` is the vanilla shuffled baseline."""
+    probes: bool = True
+    """Run the probe report (SAE features vs metadata only)."""
+    probe_sample: int = 4000
+    """Rows (seeded sample) the probes use."""
+    seed: int = 0
+    """Seed of every estimator and the planner."""
+
+
+def _labels(job: EngineerJob, ids: list[str]) -> dict[str, np.ndarray]:
+    problems = {p.id: p for p in load_problems(job.data).problems}
+    missing = [i for i in ids if i not in problems]
+    if missing:
+        raise ValueError(f"{job.data}: {len(missing)} store ids are not in the problems file (first: {missing[0]})")
+    rows = [problems[i] for i in ids]
+    return {
+        "noise": np.array([(p.source or "").startswith("noise/") for p in rows]),
+        "has_source": np.array([p.source is not None for p in rows]),
+        "difficulty": np.array([np.nan if p.difficulty is None else p.difficulty for p in rows]),
+        "topic": np.array([p.topic or "" for p in rows]),
+        "question": np.array([p.question for p in rows]),
+    }
+
+
+def _explain_clusters(codes_NC, columns, labels_N, standardized_NC, centers_KC, questions, top=5) -> list[dict]:
+    """Per cluster: size, top latents by standardized lift of their mean prompt activation, and the three
+    questions nearest the cluster centre."""
+    prompt_mean = [i for i, c in enumerate(columns) if c.startswith("prompt_mean_")]
+    overall = codes_NC[:, prompt_mean].mean(axis=0)
+    spread = codes_NC[:, prompt_mean].std(axis=0) + 1e-6  # lift in standard deviations: scale-free
+    out = []
+    for k in range(len(centers_KC)):
+        members = np.flatnonzero(labels_N == k)
+        if not len(members):
+            continue
+        lift = (codes_NC[members][:, prompt_mean].mean(axis=0) - overall) / spread
+        nearest = members[np.argsort(np.linalg.norm(standardized_NC[members] - centers_KC[k], axis=1))[:3]]
+        out.append(
+            {
+                "cluster": k,
+                "size": len(members),
+                "top_latents": [columns[prompt_mean[i]].removeprefix("prompt_mean_") for i in np.argsort(-lift)[:top]],
+                "typical_questions": [str(questions[i]) for i in nearest],
+            }
+        )
+    return out
+
+
+def run_engineer(job: EngineerJob) -> dict:
+    """Builds and saves the plan; returns the report (also written to ``out/report.json``)."""
+    store = load_store(job.store)
+    labels = _labels(job, store.ids)
+    X = store.features
+    n_meta = len(METADATA_COLUMNS)
+    report: dict = {"store": str(job.store), "samples": len(store.ids), "config": dataclasses.asdict(job)}
+    keep = np.ones(len(X), bool)
+    if labels["has_source"].all() and labels["noise"].any():
+        quality = QualityFilter(threshold=job.quality_threshold, random_state=job.seed).fit(X, (~labels["noise"]) * 1)
+        keep = quality.keep_mask(X)
+        report["quality"] = quality.report() | {
+            "kept": int(keep.sum()),
+            "noise_removed": float((~keep[labels["noise"]]).mean()),
+            "clean_kept": float(keep[~labels["noise"]].mean()),
+        }
+    kept = np.flatnonzero(keep)
+    diversity = Diversity(n_clusters=job.n_clusters, random_state=job.seed).fit(X[kept])
+    clusters = diversity.labels_
+    if job.difficulty == "external":
+        if np.isnan(labels["difficulty"][kept]).any():
+            raise ValueError(f"{job.data}: --difficulty external needs a difficulty label on every kept problem")
+        difficulty = labels["difficulty"][kept]
+    else:
+        model = DifficultyModel(n_labelled=job.n_labelled, random_state=job.seed)
+        difficulty = model.fit(X[kept], labels["difficulty"][kept], clusters).predict(X[kept], clusters)
+        report["difficulty"] = model.report()
+    ids = [store.ids[i] for i in kept]
+    lengths = X[kept, -n_meta] + X[kept, -n_meta + 1]  # prompt + solution tokens
+    standardized = diversity.transform(X[kept])
+    meta = {"seed": job.seed, "store_manifest": file_hash(job.store / MANIFEST), "data": file_hash(job.data)}
+    planner = _planner(job, job.mixing_ratio)
+    plan = planner.plan(ids, difficulty, clusters, lengths, standardized[:, :-n_meta], meta=meta)
+    job.out.mkdir(parents=True, exist_ok=True)
+    plan.save(job.out / "plan.json")
+    report["plan"] = plan.summary()
+    report["mixing_sweep"] = {
+        str(m): _planner(job, m).plan(ids, difficulty, clusters, lengths).summary()["mean_distinct_clusters"]
+        for m in (0.0, 0.1, 0.25, 0.5)
+    }
+    report["clusters"] = _explain_clusters(
+        X[kept, :-n_meta],
+        store.columns,
+        clusters,
+        standardized,
+        diversity.kmeans_.cluster_centers_,
+        labels["question"][kept],
+    )
+    if job.probes:
+        report["probes"] = _probes(job, X, labels, n_meta)
+    text = json.dumps(report, indent=1, default=str) + "\n"
+    atomic_write(job.out / "report.json", lambda tmp: Path(tmp).write_text(text))
+    _plot(job.out, plan, report)
+    print(f"wrote {job.out / 'plan.json'} ({report['plan']['n_batches']} batches), {job.out / 'report.json'}")
+    return report
+
+
+def _planner(job: EngineerJob, mixing_ratio: float) -> CurriculumPlanner:
+    return CurriculumPlanner(
+        batch_size=job.batch_size,
+        n_stages=job.n_stages,
+        mixing_ratio=mixing_ratio,
+        sort=job.sort,
+        cluster=job.cluster,
+        order=job.order,
+        random_state=job.seed,
+    )
+
+
+def _probes(job: EngineerJob, X, labels, n_meta) -> dict:
+    """Topic and difficulty probes on clean rows, the noise probe on all, for SAE and metadata features."""
+    rows = np.sort(np.random.default_rng(job.seed).permutation(len(X))[: job.probe_sample])
+    clean = rows[~labels["noise"][rows]]
+    tasks = {
+        "topic": clean,
+        "difficulty": clean[np.isfinite(labels["difficulty"][clean])],
+        "noise": rows,
+    }
+    sets = {"sae": X[:, :-n_meta], "metadata": X[:, -n_meta:]}
+    out: dict = {name: {} for name in sets}
+    for probe, subset in tasks.items():
+        y = labels[probe][subset]
+        if len(subset) < 10 or len(np.unique(y)) < 2:
+            continue
+        for name, features in sets.items():
+            out[name] |= probe_report({name: features[subset]}, {probe: y}, random_state=job.seed)[name]
+    return out
+
+
+def _plot(out: Path, plan: Plan, report: dict) -> None:
+    import matplotlib  # a plotting backend is only loaded when a report is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    sizes = sorted((c["size"] for c in report["clusters"]), reverse=True)
+    axes[0].bar(range(len(sizes)), sizes, color="#4472c4")
+    axes[0].set_title("cluster sizes")
+    axes[1].plot([s["mean_difficulty"] for s in plan.stats], lw=1)
+    axes[1].set_title("mean difficulty along the plan")
+    axes[1].set_xlabel("batch")
+    sweep = report["mixing_sweep"]
+    axes[2].plot([float(m) for m in sweep], list(sweep.values()), marker="o")
+    axes[2].set_title("distinct clusters per batch vs mixing ratio")
+    fig.tight_layout()
+    fig.savefig(out / "plan.png", dpi=110)
+    plt.close(fig)

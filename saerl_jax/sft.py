@@ -1,0 +1,172 @@
+"""Supervised fine-tuning of the Flax Qwen2 on chat-formatted problems, and greedy answer accuracy.
+
+Used to make the tiny-math model (``scripts/train_tinymath_sft.py``); the loss covers the solution tokens
+and the closing ``<|im_end|>`` only. Shapes: B batch, T tokens, V vocabulary.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from tqdm.auto import tqdm
+
+from rl.rewards import math_reward
+from saerl_jax.data.prompt import format_example
+from saerl_jax.model import Qwen2, generate
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    """Optimiser and batch settings."""
+
+    steps: int = 3000
+    """Optimiser steps."""
+    batch_size: int = 64
+    """Sequences per step."""
+    seq_len: int = 128
+    """Sequences are right-padded (or cut) to this many tokens."""
+    lr: float = 3e-3
+    """Peak learning rate (AdamW, linear warm-up then cosine decay to 10%)."""
+    warmup_steps: int = 100
+    """Linear warm-up steps."""
+    weight_decay: float = 0.01
+    """AdamW decoupled weight decay."""
+    clip_norm: float = 1.0
+    """Global gradient-norm clip."""
+    seed: int = 0
+    """Batch order seed."""
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class SFTData:
+    """Tokenized training sequences: ids, attention mask and loss mask, each ``[N, T]`` int32."""
+
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    loss_mask: np.ndarray
+
+
+def tokenize_sft(tokenizer, rows: Sequence[dict], seq_len: int, solution_field: str = "r1_solution_1") -> SFTData:
+    """Formats each row as prompt + solution + ``<|im_end|>``; the loss mask covers solution and end token."""
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad_id = tokenizer.pad_token_id or 0
+    ids = np.full((len(rows), seq_len), pad_id, np.int32)
+    attention = np.zeros((len(rows), seq_len), np.int32)
+    loss = np.zeros((len(rows), seq_len), np.int32)
+    for i, row in enumerate(rows):
+        example = format_example(tokenizer, row["question"], row[solution_field])
+        tokens = np.append(example.input_ids, end_id)[:seq_len]
+        ids[i, : len(tokens)] = tokens
+        attention[i, : len(tokens)] = 1
+        loss[i, example.solution_span[0] : len(tokens)] = 1
+    return SFTData(ids, attention, loss)
+
+
+def make_optimizer(cfg: SFTConfig) -> optax.GradientTransformation:
+    warmup = min(cfg.warmup_steps, cfg.steps - 1)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, cfg.lr, warmup, cfg.steps, end_value=cfg.lr * 0.1)
+    return optax.chain(optax.clip_by_global_norm(cfg.clip_norm), optax.adamw(schedule, weight_decay=cfg.weight_decay))
+
+
+def token_loss(model: Qwen2, ids_BT: jax.Array, attention_BT: jax.Array, loss_BT: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy over the positions whose target has ``loss_BT == 1``."""
+    logits_BTV = model(ids_BT, attention_BT).astype(jnp.float32)
+    losses = optax.softmax_cross_entropy_with_integer_labels(logits_BTV[:, :-1], ids_BT[:, 1:])
+    weights = loss_BT[:, 1:].astype(jnp.float32)
+    return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+@nnx.jit(donate_argnums=(0, 1))
+def train_step(model: Qwen2, optimizer: nnx.Optimizer, ids_BT, attention_BT, loss_BT) -> jax.Array:
+    """One AdamW step on a batch; returns the loss."""
+    loss, grads = nnx.value_and_grad(token_loss)(model, ids_BT, attention_BT, loss_BT)
+    optimizer.update(model, grads)
+    return loss
+
+
+def batches(data: SFTData, cfg: SFTConfig, start_step: int = 0):
+    """Yields ``(step, ids, attention, loss)`` for steps ``start_step..cfg.steps-1``: epochs of seeded shuffles."""
+    n = len(data.input_ids)
+    per_epoch = max(n // cfg.batch_size, 1)
+    for step in range(start_step, cfg.steps):
+        epoch, offset = divmod(step, per_epoch)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(n)
+        pick = order[offset * cfg.batch_size : (offset + 1) * cfg.batch_size]
+        yield step, data.input_ids[pick], data.attention_mask[pick], data.loss_mask[pick]
+
+
+def train(model: Qwen2, data: SFTData, cfg: SFTConfig, *, evaluate=None, eval_every: int = 0, progress=True):
+    """Trains ``model`` in place; calls ``evaluate(model, step)`` every ``eval_every`` steps.
+
+    Returns:
+      ``(losses, evaluations)``: the loss of every step and the values ``evaluate`` returned, by step.
+      ``evaluate`` may return ``"stop"`` to end training early.
+    """
+    optimizer = nnx.Optimizer(model, make_optimizer(cfg), wrt=nnx.Param)
+    losses, evaluations = [], {}
+    bar = tqdm(total=cfg.steps, desc="sft", unit="step", disable=not progress)
+    for step, ids, attention, loss_mask in batches(data, cfg):
+        loss = train_step(model, optimizer, jnp.asarray(ids), jnp.asarray(attention), jnp.asarray(loss_mask))
+        losses.append(loss)
+        bar.update(1)
+        if step % 25 == 0:
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+        if evaluate is not None and eval_every and (step + 1) % eval_every == 0:
+            evaluations[step + 1] = evaluate(model, step + 1)
+            if evaluations[step + 1] == "stop":
+                break
+    bar.close()
+    return [float(x) for x in losses], evaluations
+
+
+def greedy_completions(
+    model: Qwen2,
+    tokenizer,
+    questions: Sequence[str],
+    *,
+    max_new_tokens: int = 96,
+    batch_size: int = 128,
+    progress: bool = False,
+) -> list[str]:
+    """Greedy completions of the chat prompts of ``questions``, decoded up to ``<|im_end|>``."""
+    end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    pad_id = tokenizer.pad_token_id or 0
+    outputs = []
+    starts = range(0, len(questions), batch_size)
+    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress):
+        prompts = [format_example(tokenizer, q).input_ids for q in questions[start : start + batch_size]]
+        width = max(len(p) for p in prompts)
+        ids = np.full((batch_size, width), pad_id, np.int32)  # a fixed batch size: one compile
+        mask = np.zeros_like(ids)
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = prompt
+            mask[i, width - len(prompt) :] = 1
+        mask[len(prompts) :, -1] = 1  # filler rows
+        out = generate(
+            model,
+            ids,
+            mask,
+            max_new_tokens=max_new_tokens,
+            temperature=0.0,
+            eos_token_id=end_id,
+            rng=jax.random.key(0),
+            pad_token_id=pad_id,
+        )
+        tokens, valid = np.asarray(out.tokens_BN), np.asarray(out.mask_BN)
+        for row in range(len(prompts)):
+            kept = tokens[row][valid[row].astype(bool) & (tokens[row] != end_id)]
+            outputs.append(tokenizer.decode(kept.tolist(), skip_special_tokens=True))
+    return outputs
+
+
+def greedy_accuracy(model: Qwen2, tokenizer, rows: Sequence[dict], **kwargs) -> tuple[float, list[float]]:
+    """Fraction of rows whose greedy completion's boxed answer is right (math-verify), and per-row rewards."""
+    completions = greedy_completions(model, tokenizer, [row["question"] for row in rows], **kwargs)
+    rewards = [math_reward(c, row["final_answer"]) for c, row in zip(completions, rows, strict=True)]
+    return float(np.mean(rewards)) if rewards else 0.0, rewards
