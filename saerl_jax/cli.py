@@ -11,6 +11,7 @@ import yaml
 
 from sae.job import TrainSAEJob, run_train_sae
 from saerl_jax.demo import DemoConfig, run_demo
+from saerl_jax.engineering.report import render_report
 from saerl_jax.engineering.run import EngineerJob, run_engineer
 from saerl_jax.features.extract import ExtractJob, run_extract
 
@@ -114,6 +115,13 @@ def _engineer_parser(sub) -> None:
     p.set_defaults(run=lambda args: run_engineer(_to_config(EngineerJob, args)))
 
 
+def _report_parser(sub) -> None:
+    p = sub.add_parser("report", help="render a plan directory as report.md with plots")
+    _add_config_option(p)
+    p.add_argument("--plan", type=Path, required=True, help="directory with plan.json (and report.json)")
+    p.set_defaults(run=lambda args: print(f"wrote {render_report(args.plan)}"))
+
+
 def _to_config(cls, args: argparse.Namespace):
     """The command's dataclass from parsed options; a required option given nowhere is an error."""
     fields = dataclasses.fields(cls)
@@ -133,6 +141,7 @@ def build_parser() -> argparse.ArgumentParser:
     _train_sae_parser(sub)
     _extract_parser(sub)
     _engineer_parser(sub)
+    _report_parser(sub)
     return parser
 
 

@@ -188,6 +188,11 @@ def test_saerl_engineer_builds_a_plan_with_report_and_plots(planted, tmp_path):
     assert len(report["clusters"]) == 6 and all(len(c["typical_questions"]) == 3 for c in report["clusters"])
     assert report["probes"]["sae"]["topic"]["accuracy"]["mean"] > 0.9
     assert (tmp_path / "plan" / "plan.png").read_bytes()[:4] == b"\x89PNG"
+    markdown = (tmp_path / "plan" / "report.md").read_text()
+    assert "## Probes" in markdown and "| sae | topic accuracy |" in markdown and "## Clusters" in markdown
+    (tmp_path / "plan" / "report.md").unlink()
+    assert main(["report", "--plan", str(tmp_path / "plan")]) == 0
+    assert (tmp_path / "plan" / "report.md").read_text() == markdown
     assert main([*argv, "--out", str(tmp_path / "again")]) == 0
     assert (tmp_path / "again" / "plan.json").read_bytes() == (tmp_path / "plan" / "plan.json").read_bytes()
 

@@ -179,10 +179,11 @@ def test_grader_rejects_mismatched_lengths(workers):
 
 def test_grader_tiny_timeout_scores_zero_then_recovers(grader, monkeypatch):
     # Fresh expressions that need math-verify (no string match, nothing cached in the workers): milliseconds
-    # of work each, far beyond the tiny deadline.
+    # of work each, beyond the tiny deadline unless a chunk already finished while earlier ones were awaited.
     completions = [f"\\boxed{{\\frac{{{k}}}{{{2 * k}}}}}" for k in range(1001, 1010)]
     monkeypatch.setattr(grader, "timeout_s", 1e-4)
-    assert grader(completions, ["0.5"] * len(completions)) == [0.0] * len(completions)
+    late = grader(completions, ["0.5"] * len(completions))
+    assert len(late) == len(completions) and set(late) <= {0.0, 1.0} and 0.0 in late
     monkeypatch.undo()
     assert grader.timeout_s == 10.0
     assert grader(completions, ["0.5"] * len(completions)) == [1.0] * len(completions)

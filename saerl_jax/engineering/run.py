@@ -13,9 +13,10 @@ import numpy as np
 from saerl_jax.data.problems import load_problems
 from saerl_jax.engineering.difficulty import DifficultyModel
 from saerl_jax.engineering.diversity import Diversity
-from saerl_jax.engineering.planner import CurriculumPlanner, Plan
+from saerl_jax.engineering.planner import CurriculumPlanner
 from saerl_jax.engineering.probes import probe_report
 from saerl_jax.engineering.quality import QualityFilter
+from saerl_jax.engineering.report import render_report
 from saerl_jax.features import METADATA_COLUMNS, load_store
 from saerl_jax.features.store import MANIFEST, file_hash
 from saerl_jax.io import atomic_write
@@ -150,8 +151,10 @@ def run_engineer(job: EngineerJob) -> dict:
         report["probes"] = _probes(job, X, labels, n_meta)
     text = json.dumps(report, indent=1, default=str) + "\n"
     atomic_write(job.out / "report.json", lambda tmp: Path(tmp).write_text(text))
-    _plot(job.out, plan, report)
-    print(f"wrote {job.out / 'plan.json'} ({report['plan']['n_batches']} batches), {job.out / 'report.json'}")
+    render_report(job.out)
+    print(
+        f"wrote {job.out / 'plan.json'} ({report['plan']['n_batches']} batches), {job.out / 'report.json'}, report.md"
+    )
     return report
 
 
@@ -185,24 +188,3 @@ def _probes(job: EngineerJob, X, labels, n_meta) -> dict:
         for name, features in sets.items():
             out[name] |= probe_report({name: features[subset]}, {probe: y}, random_state=job.seed)[name]
     return out
-
-
-def _plot(out: Path, plan: Plan, report: dict) -> None:
-    import matplotlib  # a plotting backend is only loaded when a report is drawn
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
-    sizes = sorted((c["size"] for c in report["clusters"]), reverse=True)
-    axes[0].bar(range(len(sizes)), sizes, color="#4472c4")
-    axes[0].set_title("cluster sizes")
-    axes[1].plot([s["mean_difficulty"] for s in plan.stats], lw=1)
-    axes[1].set_title("mean difficulty along the plan")
-    axes[1].set_xlabel("batch")
-    sweep = report["mixing_sweep"]
-    axes[2].plot([float(m) for m in sweep], list(sweep.values()), marker="o")
-    axes[2].set_title("distinct clusters per batch vs mixing ratio")
-    fig.tight_layout()
-    fig.savefig(out / "plan.png", dpi=110)
-    plt.close(fig)

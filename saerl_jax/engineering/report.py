@@ -1,0 +1,77 @@
+"""``saerl report``: renders a plan directory (``plan.json``, and ``report.json`` when engineer wrote one)
+as ``report.md`` with ``plan.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from saerl_jax.engineering.planner import Plan
+from saerl_jax.io import atomic_write
+
+
+def render_report(directory: str | os.PathLike) -> Path:
+    """Writes ``report.md`` and ``plan.png`` for the plan in ``directory``; returns the markdown path."""
+    directory = Path(directory)
+    plan = Plan.load(directory / "plan.json")
+    report_file = directory / "report.json"
+    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    png = _plot(directory, plan, report)
+    lines = [f"# Plan `{directory}`", "", "| plan | value |", "| --- | --- |"]
+    lines += [f"| {k} | {v} |" for k, v in plan.summary().items()]
+    lines += ["", f"![plan]({png.name})", ""]
+    for section in ("quality", "difficulty"):
+        if section in report:
+            lines += [f"## {section.title()}", "", "| metric | value |", "| --- | --- |"]
+            lines += [f"| {k} | {_fmt(v)} |" for k, v in report[section].items() if not isinstance(v, list)]
+            lines.append("")
+    if "probes" in report:
+        lines += [
+            "## Probes (cross-validated mean [95% interval])",
+            "",
+            "| features | probe | score |",
+            "| --- | --- | --- |",
+        ]
+        for features, probes in report["probes"].items():
+            for probe, result in probes.items():
+                for name, value in result.items():
+                    if isinstance(value, dict):
+                        score = f"{value['mean']:.3f} [{value['ci_low']:.3f}, {value['ci_high']:.3f}]"
+                        lines.append(f"| {features} | {probe} {name} | {score} |")
+        lines.append("")
+    if "clusters" in report:
+        lines += ["## Clusters", "", "| cluster | size | top latents | typical problems |", "| --- | --- | --- | --- |"]
+        for c in report["clusters"]:
+            questions = " / ".join(q.replace("|", "\\|") for q in c["typical_questions"])
+            lines.append(f"| {c['cluster']} | {c['size']} | {', '.join(c['top_latents'])} | {questions} |")
+        lines.append("")
+    text = "\n".join(lines)
+    return atomic_write(directory / "report.md", lambda tmp: Path(tmp).write_text(text))
+
+
+def _fmt(value) -> str:
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
+
+
+def _plot(out: Path, plan: Plan, report: dict) -> Path:
+    import matplotlib  # a plotting backend is only loaded when a report is drawn
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    sizes = sorted(sum(s["cluster_hist"].values()) for s in plan.stats) if not report.get("clusters") else None
+    sizes = sorted((c["size"] for c in report["clusters"]), reverse=True) if sizes is None else sizes
+    axes[0].bar(range(len(sizes)), sizes, color="#4472c4")
+    axes[0].set_title("cluster sizes")
+    axes[1].plot([s["mean_difficulty"] for s in plan.stats], lw=1)
+    axes[1].set_title("mean difficulty along the plan")
+    axes[1].set_xlabel("batch")
+    sweep = report.get("mixing_sweep", {})
+    axes[2].plot([float(m) for m in sweep], list(sweep.values()), marker="o")
+    axes[2].set_title("distinct clusters per batch vs mixing ratio")
+    fig.tight_layout()
+    fig.savefig(out / "plan.png", dpi=110)
+    plt.close(fig)
+    return out / "plan.png"
