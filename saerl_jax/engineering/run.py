@@ -116,7 +116,8 @@ def run_engineer(job: EngineerJob) -> dict:
             "clean_kept": float(keep[~labels["noise"]].mean()),
         }
     kept = np.flatnonzero(keep)
-    diversity = Diversity(n_clusters=job.n_clusters, random_state=job.seed).fit(X[kept])
+    X_kept = X[kept]  # one copy of the kept rows for every later stage
+    diversity = Diversity(n_clusters=job.n_clusters, random_state=job.seed).fit(X_kept)
     clusters = diversity.labels_
     if job.difficulty == "external":
         if np.isnan(labels["difficulty"][kept]).any():
@@ -124,11 +125,11 @@ def run_engineer(job: EngineerJob) -> dict:
         difficulty = labels["difficulty"][kept]
     else:
         model = DifficultyModel(n_labelled=job.n_labelled, random_state=job.seed)
-        difficulty = model.fit(X[kept], labels["difficulty"][kept], clusters).predict(X[kept], clusters)
+        difficulty = model.fit(X_kept, labels["difficulty"][kept], clusters).predict(X_kept, clusters)
         report["difficulty"] = model.report()
     ids = [store.ids[i] for i in kept]
-    lengths = X[kept, -n_meta] + X[kept, -n_meta + 1]  # prompt + solution tokens
-    standardized = diversity.transform(X[kept])
+    lengths = X_kept[:, -n_meta] + X_kept[:, -n_meta + 1]  # prompt + solution tokens
+    standardized = diversity.transform(X_kept)
     meta = {"seed": job.seed, "store_manifest": file_hash(job.store / MANIFEST), "data": file_hash(job.data)}
     planner = _planner(job, job.mixing_ratio)
     plan = planner.plan(ids, difficulty, clusters, lengths, standardized[:, :-n_meta], meta=meta)
@@ -140,7 +141,7 @@ def run_engineer(job: EngineerJob) -> dict:
         for m in (0.0, 0.1, 0.25, 0.5)
     }
     report["clusters"] = _explain_clusters(
-        X[kept, :-n_meta],
+        X_kept[:, :-n_meta],
         store.columns,
         clusters,
         standardized,
