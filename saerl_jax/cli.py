@@ -111,6 +111,7 @@ def _engineer_parser(sub) -> None:
     p.add_argument("--order", choices=["curriculum", "random"], default=d.order, help="(%(default)s)")
     p.add_argument("--no-probes", dest="probes", action="store_false", help="skip the probe report")
     p.add_argument("--probe-sample", type=int, default=d.probe_sample, help="rows the probes use (%(default)s)")
+    p.add_argument("--dense-store", type=Path, help="a saerl extract --dense store to probe beside the SAE codes")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
     p.set_defaults(run=lambda args: run_engineer(_to_config(EngineerJob, args)))
 

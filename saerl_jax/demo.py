@@ -124,6 +124,10 @@ def _feature_stage(cfg: DemoConfig, model_dir: Path, sae_dir: Path, pool: list[d
         seed=cfg.seed,
     )
     store = load_store(run_extract(job))
+    dense_job = dataclasses.replace(
+        job, sae=None, dense=True, layer=store.manifest["layer"], out=cfg.out / "features-dense"
+    )
+    run_extract(dense_job)  # the paper's dense baseline for the probes
     rows = {row["id"]: row for row in pool}
     noise = np.array([rows[i]["source"] != "tinymath" for i in store.ids])
     codes_NC = store.features[:, : -len(METADATA_COLUMNS)]
@@ -131,6 +135,7 @@ def _feature_stage(cfg: DemoConfig, model_dir: Path, sae_dir: Path, pool: list[d
     _, _, vt = np.linalg.svd(centred[np.random.default_rng(cfg.seed).permutation(len(centred))[:4096]], False)
     return {
         "path": str(job.out),
+        "dense_path": str(dense_job.out),
         "data": str(data),
         "samples": len(store.ids),
         "columns": len(store.columns),
@@ -146,9 +151,9 @@ def _feature_stage(cfg: DemoConfig, model_dir: Path, sae_dir: Path, pool: list[d
 
 
 def _probe_lines(engineering: dict) -> list[str]:
-    """One line per probe: SAE features vs metadata only."""
+    """One line per probe (SAE codes vs dense states vs metadata only), then the filter, proxy and plan."""
     probes = engineering.get("probes", {})
-    sae, meta = probes.get("sae", {}), probes.get("metadata", {})
+    sae, dense, meta = probes.get("sae", {}), probes.get("dense", {}), probes.get("metadata", {})
     lines = []
     for name, key, label in (
         ("topic", "accuracy", "topic probe accuracy"),
@@ -160,7 +165,8 @@ def _probe_lines(engineering: dict) -> list[str]:
             lines.append(
                 f"{label}: SAE {sae[name][key]['mean']:.3f} "
                 f"[{sae[name][key]['ci_low']:.3f}, {sae[name][key]['ci_high']:.3f}], "
-                f"metadata only {meta[name][key]['mean']:.3f}{extra}"
+                + (f"dense {dense[name][key]['mean']:.3f}, " if name in dense else "")
+                + f"metadata only {meta[name][key]['mean']:.3f}{extra}"
             )
     if "quality" in engineering:
         q = engineering["quality"]
@@ -341,6 +347,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     engineering = run_engineer(
         EngineerJob(
             store=Path(features["path"]),
+            dense_store=Path(features["dense_path"]),
             data=Path(features["data"]),
             out=cfg.out / "plan",
             n_clusters=cfg.n_clusters,

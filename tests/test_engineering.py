@@ -146,18 +146,19 @@ def test_probe_report_rejects_unknown_labels(planted):
     assert topic_probe(planted[0], planted[1], cv=3)["majority_baseline"] < 0.25
 
 
-def _synthetic_store(directory, planted, n_latents=6):
+def _synthetic_store(directory, planted, n_latents=6, dense=False, name="store"):
     """A feature store + problems file carrying the planted structure (columns named as extract names them)."""
     X, clusters, difficulty, noise = planted
     n = len(X)
-    columns = feature_columns(np.arange(n_latents))
+    columns = feature_columns(None, hidden_size=n_latents) if dense else feature_columns(np.arange(n_latents))
     codes = X[:, : 4 * n_latents]
     meta = np.stack([np.full(n, 40.0), 20 + 3 * difficulty, np.zeros(n), np.full(n, 0.2), np.ones(n)], axis=1)
     ids = [f"p{i:05d}" for i in range(n)]
-    manifest = {"ids": ids, "columns": columns, "part_size": 1000, "latent_ids": list(range(n_latents))}
-    store.open_store(directory / "store", manifest)
+    latent_ids = None if dense else list(range(n_latents))
+    manifest = {"ids": ids, "columns": columns, "part_size": 1000, "latent_ids": latent_ids}
+    store.open_store(directory / name, manifest)
     for index, (start, end) in enumerate(store.part_ranges(n, 1000)):
-        store.write_part(directory / "store", index, ids[start:end], np.hstack([codes, meta])[start:end])
+        store.write_part(directory / name, index, ids[start:end], np.hstack([codes, meta])[start:end])
     rows = [
         {
             "id": ids[i],
@@ -170,13 +171,14 @@ def _synthetic_store(directory, planted, n_latents=6):
         for i in range(n)
     ]
     (directory / "problems.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return directory / "store", directory / "problems.jsonl"
+    return directory / name, directory / "problems.jsonl"
 
 
 def test_saerl_engineer_builds_a_plan_with_report_and_plots(planted, tmp_path):
     store_dir, data = _synthetic_store(tmp_path, planted)
     argv = ["engineer", "--store", str(store_dir), "--data", str(data), "--n-clusters", "6", "--n-labelled", "600"]
-    argv += ["--batch-size", "32", "--probe-sample", "900"]
+    dense_dir, _ = _synthetic_store(tmp_path, planted, n_latents=5, dense=True, name="dense")
+    argv += ["--batch-size", "32", "--probe-sample", "900", "--dense-store", str(dense_dir)]
     assert main([*argv, "--out", str(tmp_path / "plan")]) == 0
     report = json.loads((tmp_path / "plan" / "report.json").read_text())
     plan = Plan.load(tmp_path / "plan" / "plan.json")
@@ -184,9 +186,13 @@ def test_saerl_engineer_builds_a_plan_with_report_and_plots(planted, tmp_path):
     assert report["quality"]["noise_removed"] > 0.8 and report["quality"]["clean_kept"] > 0.95
     assert len(set(plan.ids()) & noise_ids) < 0.2 * len(noise_ids)
     assert report["plan"]["difficulty_monotonicity"] > 0.8
-    assert report["mixing_sweep"]["0.5"] > report["mixing_sweep"]["0.0"]
+    sweep = report["mixing_sweep"]
+    assert sweep["0.5"]["cluster_entropy"] > sweep["0.1"]["cluster_entropy"] > sweep["0.0"]["cluster_entropy"]
+    assert sweep["0.1"]["distinct_clusters"] > sweep["0.0"]["distinct_clusters"]
     assert len(report["clusters"]) == 6 and all(len(c["typical_questions"]) == 3 for c in report["clusters"])
     assert report["probes"]["sae"]["topic"]["accuracy"]["mean"] > 0.9
+    assert set(report["probes"]) == {"sae", "dense", "metadata"}
+    assert report["probes"]["dense"]["topic"]["accuracy"]["mean"] > 0.9
     assert (tmp_path / "plan" / "plan.png").read_bytes()[:4] == b"\x89PNG"
     markdown = (tmp_path / "plan" / "report.md").read_text()
     assert "## Probes" in markdown and "| sae | topic accuracy |" in markdown and "## Clusters" in markdown
@@ -202,3 +208,10 @@ def test_engineer_names_store_ids_missing_from_the_problems(planted, tmp_path):
     data.write_text("".join(data.read_text().splitlines(keepends=True)[:-1]))
     with pytest.raises(ValueError, match=r"1 store ids are not in the problems file \(first: p01799\)"):
         main(["engineer", "--store", str(store_dir), "--data", str(data), "--out", str(tmp_path / "o")])
+
+
+def test_engineer_refuses_a_sae_store_as_the_dense_baseline(planted, tmp_path):
+    store_dir, data = _synthetic_store(tmp_path, planted)
+    with pytest.raises(ValueError, match="not a dense store"):
+        main(["engineer", "--store", str(store_dir), "--data", str(data), "--out", str(tmp_path / "o"),
+              "--dense-store", str(store_dir), "--n-clusters", "6", "--n-labelled", "600"])  # fmt: skip

@@ -60,7 +60,7 @@ def _plot(out: Path, plan: Plan, report: dict) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.6))
+    fig, axes = plt.subplots(1, 4, figsize=(18, 3.6))
     sizes = sorted(sum(s["cluster_hist"].values()) for s in plan.stats) if not report.get("clusters") else None
     sizes = sorted((c["size"] for c in report["clusters"]), reverse=True) if sizes is None else sizes
     axes[0].bar(range(len(sizes)), sizes, color="#4472c4")
@@ -69,9 +69,36 @@ def _plot(out: Path, plan: Plan, report: dict) -> Path:
     axes[1].set_title("mean difficulty along the plan")
     axes[1].set_xlabel("batch")
     sweep = report.get("mixing_sweep", {})
-    axes[2].plot([float(m) for m in sweep], list(sweep.values()), marker="o")
-    axes[2].set_title("distinct clusters per batch vs mixing ratio")
+    axes[2].plot([float(m) for m in sweep], [v["cluster_entropy"] for v in sweep.values()], marker="o")
+    axes[2].set_title("cluster entropy per batch (nats) vs mixing ratio")
+    _plot_probes(axes[3], report.get("probes", {}))
     fig.tight_layout()
     fig.savefig(out / "plan.png", dpi=110)
     plt.close(fig)
     return out / "plan.png"
+
+
+def _plot_probes(ax, probes: dict) -> None:
+    """Grouped bars: each probe's cross-validated score per feature set, with its 95% interval."""
+    scores = {
+        (f"{probe} {metric}", features): value
+        for features, results in probes.items()
+        for probe, result in results.items()
+        for metric, value in result.items()
+        if isinstance(value, dict)
+    }
+    names = sorted({name for name, _ in scores})
+    width = 0.8 / max(len(probes), 1)
+    for j, features in enumerate(probes):
+        shown = [(i, scores[name, features]) for i, name in enumerate(names) if (name, features) in scores]
+        if not shown:
+            continue
+        x = [i + j * width for i, _ in shown]
+        means = [v["mean"] for _, v in shown]
+        errors = [[v["mean"] - v["ci_low"] for _, v in shown], [v["ci_high"] - v["mean"] for _, v in shown]]
+        ax.bar(x, means, width, yerr=errors, color=f"C{j}", label=features)
+    ax.set_xticks([i + width * (len(probes) - 1) / 2 for i in range(len(names))], names, rotation=20, fontsize=7)
+    ax.set_ylim(0, 1.05)
+    ax.set_title("probe scores (95% interval)")
+    if probes:
+        ax.legend(fontsize=7)

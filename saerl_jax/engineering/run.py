@@ -56,6 +56,8 @@ class EngineerJob:
     """Run the probe report (SAE features vs metadata only)."""
     probe_sample: int = 4000
     """Rows (seeded sample) the probes use."""
+    dense_store: Path | None = None
+    """A store made with ``saerl extract --dense`` over the same problems: probed beside the SAE codes."""
     seed: int = 0
     """Seed of every estimator and the planner."""
 
@@ -136,10 +138,13 @@ def run_engineer(job: EngineerJob) -> dict:
     job.out.mkdir(parents=True, exist_ok=True)
     plan.save(job.out / "plan.json")
     report["plan"] = plan.summary()
-    report["mixing_sweep"] = {
-        str(m): _planner(job, m).plan(ids, difficulty, clusters, lengths).summary()["mean_distinct_clusters"]
-        for m in (0.0, 0.1, 0.25, 0.5)
-    }
+    report["mixing_sweep"] = {}
+    for m in (0.0, 0.1, 0.25, 0.5):
+        summary = _planner(job, m).plan(ids, difficulty, clusters, lengths).summary()
+        report["mixing_sweep"][str(m)] = {
+            "distinct_clusters": summary["mean_distinct_clusters"],
+            "cluster_entropy": summary["mean_cluster_entropy"],
+        }
     report["clusters"] = _explain_clusters(
         X_kept[:, :-n_meta],
         store.columns,
@@ -149,7 +154,7 @@ def run_engineer(job: EngineerJob) -> dict:
         labels["question"][kept],
     )
     if job.probes:
-        report["probes"] = _probes(job, X, labels, n_meta)
+        report["probes"] = _probes(job, X, labels, n_meta, store.ids)
     text = json.dumps(report, indent=1, default=str) + "\n"
     atomic_write(job.out / "report.json", lambda tmp: Path(tmp).write_text(text))
     render_report(job.out)
@@ -171,8 +176,21 @@ def _planner(job: EngineerJob, mixing_ratio: float) -> CurriculumPlanner:
     )
 
 
-def _probes(job: EngineerJob, X, labels, n_meta) -> dict:
-    """Topic and difficulty probes on clean rows, the noise probe on all, for SAE and metadata features."""
+def _dense_features(job: EngineerJob, ids: list[str]) -> np.ndarray:
+    """The dense store's pooled hidden states for ``ids`` (the paper's dense baseline), metadata dropped."""
+    dense = load_store(job.dense_store)
+    if dense.manifest.get("latent_ids") is not None:
+        raise ValueError(f"{job.dense_store}: not a dense store (made without --dense)")
+    row = {sample_id: i for i, sample_id in enumerate(dense.ids)}
+    missing = [i for i in ids if i not in row]
+    if missing:
+        raise ValueError(f"{job.dense_store}: {len(missing)} ids of {job.store} are missing (first: {missing[0]})")
+    return dense.features[[row[i] for i in ids], : -len(METADATA_COLUMNS)]
+
+
+def _probes(job: EngineerJob, X, labels, n_meta, ids: list[str]) -> dict:
+    """Topic and difficulty probes on clean rows, the noise probe on all, for SAE codes, dense states (with
+    ``dense_store``) and metadata only."""
     rows = np.sort(np.random.default_rng(job.seed).permutation(len(X))[: job.probe_sample])
     clean = rows[~labels["noise"][rows]]
     tasks = {
@@ -181,6 +199,8 @@ def _probes(job: EngineerJob, X, labels, n_meta) -> dict:
         "noise": rows,
     }
     sets = {"sae": X[:, :-n_meta], "metadata": X[:, -n_meta:]}
+    if job.dense_store is not None:
+        sets["dense"] = _dense_features(job, ids)
     out: dict = {name: {} for name in sets}
     for probe, subset in tasks.items():
         y = labels[probe][subset]
