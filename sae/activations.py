@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from saerl_jax.model import Qwen2, bucket_length, forward
+from saerl_jax.model import Qwen2, forward, pad_sequences
 
 
 class ArraySource:
@@ -101,11 +101,7 @@ class ModelSource:
         chunks = []
         for start in range(0, len(picked), self.forward_batch):
             batch = picked[start : start + self.forward_batch]
-            length = bucket_length(max(len(s) for s in batch))
-            ids_BT = np.zeros((len(batch), length), np.int32)
-            mask_BT = np.zeros((len(batch), length), np.int32)
-            for row, seq in enumerate(batch):
-                ids_BT[row, : len(seq)], mask_BT[row, : len(seq)] = seq, 1
+            ids_BT, mask_BT = pad_sequences(batch)
             acts_BTD = np.asarray(forward(self.model, ids_BT, mask_BT, capture_layer=self.layer), np.float32)
             chunks.append(acts_BTD[token_mask(ids_BT, mask_BT, self.special_ids)])
         acts_ND = drop_outlier_norms(np.concatenate(chunks, axis=0))

@@ -17,7 +17,7 @@ from sae.model import Architecture, SAEConfig, SAEMetadata, SparseAutoencoder
 from sae.train import TrainConfig, train
 from saerl_jax.data import format_example, load_tokenizer
 from saerl_jax.io import atomic_write
-from saerl_jax.model import bucket_length, load_pretrained
+from saerl_jax.model import load_pretrained, pad_sequences
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -91,15 +91,6 @@ def read_documents(path: Path, tokenizer, max_tokens: int) -> list[np.ndarray]:
     return sequences
 
 
-def _pad(sequences: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    length = bucket_length(max(len(s) for s in sequences))
-    ids = np.zeros((len(sequences), length), np.int32)
-    mask = np.zeros_like(ids)
-    for row, seq in enumerate(sequences):
-        ids[row, : len(seq)], mask[row, : len(seq)] = seq, 1
-    return ids, mask
-
-
 def run_train_sae(job: TrainSAEJob) -> dict[str, float]:
     """Trains, saves and evaluates the SAE; prints a metrics table and returns the metrics."""
     model = load_pretrained(job.model)
@@ -152,7 +143,7 @@ def run_train_sae(job: TrainSAEJob) -> dict[str, float]:
         model, job.layer, eval_seqs, batch_size=1, special_ids=special, sequences_per_round=len(eval_seqs)
     )
     metrics = reconstruction_metrics(sae, eval_source.round_activations(0))
-    ids, mask = _pad(eval_seqs)
+    ids, mask = pad_sequences(eval_seqs)
     metrics |= ce_loss_recovered(model, sae, job.layer, ids, mask, token_mask(ids, mask, special))
     text = json.dumps(metrics, indent=2, sort_keys=True) + "\n"
     atomic_write(job.out / "metrics.json", lambda tmp: Path(tmp).write_text(text))

@@ -18,7 +18,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import sae as sae_lib
-from rl.rewards import math_reward
 from sae.activations import token_mask
 from sae.metrics import ce_loss_recovered, reconstruction_metrics
 from saerl_jax.data import format_example, load_tokenizer
@@ -26,8 +25,8 @@ from saerl_jax.data.tinymath import DEFAULT_DIR as ASSETS
 from saerl_jax.engineering.run import EngineerJob, run_engineer
 from saerl_jax.features import METADATA_COLUMNS, ExtractJob, load_store, run_extract
 from saerl_jax.io import atomic_write
-from saerl_jax.model import bucket_length, forward, load_pretrained
-from saerl_jax.sft import greedy_completions
+from saerl_jax.model import forward, load_pretrained, pad_sequences
+from saerl_jax.sft import greedy_accuracy
 
 NOT_YET = {
     "grpo": "GRPO / DAPO from the curriculum and evaluation after training: not yet (issues 7 and 8)",
@@ -73,12 +72,7 @@ def _batches(tokenizer, rows: list[dict], batch_size: int):
     examples = [format_example(tokenizer, row["question"], row["r1_solution_1"]) for row in rows]
     for start in range(0, len(examples), batch_size):
         chunk = examples[start : start + batch_size]
-        length = bucket_length(max(len(e.input_ids) for e in chunk))
-        ids = np.zeros((len(chunk), length), np.int32)
-        mask = np.zeros_like(ids)
-        for i, example in enumerate(chunk):
-            ids[i, : len(example.input_ids)], mask[i, : len(example.input_ids)] = example.input_ids, 1
-        yield ids, mask, chunk
+        yield *pad_sequences([e.input_ids for e in chunk]), chunk
 
 
 def _sae_stage(model, sae, layer, tokenizer, rows, batch_size) -> tuple[dict, np.ndarray, np.ndarray]:
@@ -358,12 +352,8 @@ def run_demo(cfg: DemoConfig) -> dict:
     for line in _probe_lines(engineering):
         print("      " + line)
     print(f"[4/4] greedy answers to {len(held_out)} held-out problems ...", flush=True)
-    completions = greedy_completions(
-        model, tokenizer, [r["question"] for r in held_out], batch_size=cfg.batch_size, progress=True
-    )
-    rewards = [math_reward(c, r["final_answer"]) for c, r in zip(completions, held_out, strict=True)]
+    accuracy, rewards = greedy_accuracy(model, tokenizer, held_out, batch_size=cfg.batch_size, progress=True)
     by_topic, by_difficulty = _accuracy_table(held_out, rewards)
-    accuracy = float(np.mean(rewards))
     print(f"      accuracy {accuracy:.3f}")
     for note in NOT_YET.values():
         print(f"      skipped: {note}")

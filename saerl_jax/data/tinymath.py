@@ -19,8 +19,8 @@ import numpy as np
 import tokenizers
 import transformers
 
+from saerl_jax.data.problems import SCHEMA_FIELDS, Problem, write_problems_jsonl
 from saerl_jax.data.prompt import SYSTEM_PROMPT, render_prompt
-from saerl_jax.io import atomic_write
 
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny-math"
 """The shipped tiny-math world (problems.jsonl, eval.jsonl, tokenizer/, model/, sae/)."""
@@ -35,17 +35,7 @@ TOPICS = {
     "comparison": "Mathematics -> Arithmetic -> Comparison",
     "word": "Mathematics -> Applied Mathematics -> Word Problems",
 }
-FIELDS = (
-    "id",
-    "question",
-    "final_answer",
-    "difficulty",
-    "topic",
-    "r1_solution_1",
-    "r1_solution_2",
-    "r1_solution_3",
-    "source",
-)
+FIELDS = SCHEMA_FIELDS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -297,8 +287,7 @@ def generate(
 
 def write_jsonl(rows: list[dict], path: str | os.PathLike) -> Path:
     """Writes rows as JSON lines (atomically), fields in :data:`FIELDS` order."""
-    text = "".join(json.dumps({k: row[k] for k in FIELDS}) + "\n" for row in rows)
-    return atomic_write(Path(path), lambda tmp: Path(tmp).write_text(text))
+    return write_problems_jsonl([Problem(**row) for row in rows], path)
 
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")

@@ -50,11 +50,16 @@ class Diversity(BaseEstimator):
         return self.scaler_.transform(check_array(X, dtype=np.float32))
 
 
+def counts_entropy(counts) -> float:
+    """Shannon entropy (nats) of a histogram given by its (positive) counts."""
+    p = np.asarray(counts, float)
+    p = p / p.sum()
+    return float(-(p * np.log(p)).sum())
+
+
 def cluster_entropy(labels: np.ndarray) -> float:
     """Shannon entropy (nats) of the cluster histogram of one batch."""
-    _, counts = np.unique(labels, return_counts=True)
-    p = counts / counts.sum()
-    return float(-(p * np.log(p)).sum())
+    return counts_entropy(np.unique(labels, return_counts=True)[1])
 
 
 def mean_pairwise_distance(rows_NC: np.ndarray) -> float:

@@ -35,7 +35,7 @@ import numpy as np
 from scipy import stats as sp_stats
 from sklearn.base import BaseEstimator
 
-from saerl_jax.engineering.diversity import mean_pairwise_distance
+from saerl_jax.engineering.diversity import counts_entropy, mean_pairwise_distance
 from saerl_jax.io import atomic_write
 
 PLAN_FORMAT = 1
@@ -78,11 +78,7 @@ class Plan:
         """Plan-level numbers: batch and sample counts, mean distinct clusters and cluster entropy (nats)
         per batch, mean diversity (None without features), and difficulty monotonicity: the Spearman rho
         of batch index vs batch mean difficulty (None with fewer than two batches or constant means)."""
-        entropies = []
-        for stat in self.stats:
-            p = np.array(list(stat["cluster_hist"].values()), float)
-            p /= p.sum()
-            entropies.append(float(-(p * np.log(p)).sum()))
+        entropies = [counts_entropy(list(stat["cluster_hist"].values())) for stat in self.stats]
         diversity = [s["diversity"] for s in self.stats if s["diversity"] is not None]
         means = np.array([s["mean_difficulty"] for s in self.stats])
         rho = None

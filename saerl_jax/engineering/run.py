@@ -140,7 +140,8 @@ def run_engineer(job: EngineerJob) -> dict:
     report["plan"] = plan.summary()
     report["mixing_sweep"] = {}
     for m in (0.0, 0.1, 0.25, 0.5):
-        summary = _planner(job, m).plan(ids, difficulty, clusters, lengths).summary()
+        same = m == job.mixing_ratio  # the plan just built; its features only add diversity, not used here
+        summary = report["plan"] if same else _planner(job, m).plan(ids, difficulty, clusters, lengths).summary()
         report["mixing_sweep"][str(m)] = {
             "distinct_clusters": summary["mean_distinct_clusters"],
             "cluster_entropy": summary["mean_cluster_entropy"],

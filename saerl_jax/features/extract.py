@@ -18,6 +18,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 import sae as sae_lib
+from sae.activations import token_mask
 from saerl_jax.data import FormattedExample, format_example, load_tokenizer
 from saerl_jax.data.problems import Problem, load_problems
 from saerl_jax.features import pooling
@@ -30,7 +31,7 @@ from saerl_jax.features.store import (
     write_part,
 )
 from saerl_jax.io import atomic_write
-from saerl_jax.model import bucket_length, load_pretrained
+from saerl_jax.model import bucket_length, load_pretrained, pad_sequences
 
 SELECTION = "selection.json"
 
@@ -120,18 +121,13 @@ def bucketed_batches(examples: list[FormattedExample], indices: list[int], batch
     by_bucket: dict[int, list[int]] = {}
     for i in indices:
         by_bucket.setdefault(bucket_length(len(examples[i].input_ids)), []).append(i)
-    for length in sorted(by_bucket):
-        members = by_bucket[length]
+    for bucket in sorted(by_bucket):
+        members = by_bucket[bucket]
         for start in range(0, len(members), batch_size):
             rows = members[start : start + batch_size]
-            filled = rows + [rows[0]] * (batch_size - len(rows))
-            ids = np.zeros((batch_size, length), np.int32)
-            mask = np.zeros_like(ids)
-            spans = np.zeros((batch_size, 2, 2), np.int32)
-            for b, i in enumerate(filled):
-                example = examples[i]
-                ids[b, : len(example.input_ids)], mask[b, : len(example.input_ids)] = example.input_ids, 1
-                spans[b] = (example.prompt_span, example.solution_span)
+            filled = [examples[i] for i in rows + [rows[0]] * (batch_size - len(rows))]
+            ids, mask = pad_sequences([e.input_ids for e in filled])
+            spans = np.array([(e.prompt_span, e.solution_span) for e in filled], np.int32)
             yield rows, ids, mask, spans
 
 
@@ -145,7 +141,7 @@ class _Encoder:
         self.special = np.asarray(sorted(special_ids), np.int32)
 
     def keep(self, ids, mask):
-        return jnp.asarray(mask.astype(bool) & ~np.isin(ids, self.special))
+        return jnp.asarray(token_mask(ids, mask, self.special))
 
     def pooled(self, ids, mask, spans, latents_K):
         return pooling.pooled_codes(

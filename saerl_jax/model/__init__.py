@@ -1,6 +1,6 @@
 """Qwen2 in Flax NNX: config, modules, HF weight loading, jitted forward and KV-cache sampling."""
 
-from saerl_jax.model.forward import bucket_length, forward, forward_fn
+from saerl_jax.model.forward import bucket_length, forward, forward_fn, pad_sequences
 from saerl_jax.model.qwen2 import LayerCache, Qwen2, Qwen2Config, causal_mask, positions_from_mask
 from saerl_jax.model.sampling import GenerateOutput, SamplingConfig, generate, generate_fn
 from saerl_jax.model.weights import load_pretrained, save_pretrained
@@ -18,6 +18,7 @@ __all__ = [
     "generate",
     "generate_fn",
     "load_pretrained",
+    "pad_sequences",
     "positions_from_mask",
     "save_pretrained",
 ]

@@ -41,6 +41,17 @@ def forward_fn(
     return nnx.merge(graphdef, state)(input_ids_BT, attention_mask_BT, capture_layer=capture_layer)
 
 
+def pad_sequences(sequences, min_bucket: int = 32) -> tuple[np.ndarray, np.ndarray]:
+    """Token sequences right-padded with 0 to the :func:`bucket_length` of the longest: ``(ids, mask)``,
+    both int32 ``[B, T]``."""
+    length = bucket_length(max(len(s) for s in sequences), min_bucket)
+    ids_BT = np.zeros((len(sequences), length), np.int32)
+    mask_BT = np.zeros_like(ids_BT)
+    for row, seq in enumerate(sequences):
+        ids_BT[row, : len(seq)], mask_BT[row, : len(seq)] = seq, 1
+    return ids_BT, mask_BT
+
+
 def pad_to_bucket(array_BT: np.ndarray, length: int, value: int = 0) -> np.ndarray:
     """Right-pads the time axis of a ``[B, T]`` host array to ``length``."""
     array_BT = np.asarray(array_BT)
