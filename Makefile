@@ -30,5 +30,13 @@ format: setup
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: setup
+$(VENV)/.bench-installed: $(VENV)/.installed
+	$(BIN)/pip install --quiet -e ".[test,bench]"
+	touch $@
+
+bench: setup $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_sae.py
+	$(BIN)/python benchmarks/bench_extract.py
+	$(BIN)/python benchmarks/bench_engineer.py
+	$(BIN)/python benchmarks/bench_grpo.py

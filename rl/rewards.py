@@ -86,6 +86,8 @@ class RewardGrader:
     def __init__(self, workers: int = 2, timeout_s: float = 10.0, chunk: int = 16, startup_timeout_s: float = 120.0):
         self.workers, self.timeout_s, self.chunk = workers, timeout_s, chunk
         self.startup_timeout_s = startup_timeout_s
+        self.timeouts = 0
+        """Completions scored 0 because they hung or crashed a worker, since construction."""
         self._pool: cf.ProcessPoolExecutor | None = None
 
     def _executor(self) -> cf.ProcessPoolExecutor:
@@ -124,6 +126,7 @@ class RewardGrader:
                 scores += self._executor().submit(_grade_many, [pair]).result(timeout=self.timeout_s)
             except (cf.TimeoutError, cf.process.BrokenProcessPool):
                 scores.append(0.0)
+                self.timeouts += 1
                 self._restart()
         return scores
 

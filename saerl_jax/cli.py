@@ -9,6 +9,8 @@ from pathlib import Path
 
 import yaml
 
+from rl.config import ALGOS, DAPOConfig, GRPOConfig, field_docs
+from rl.trainer import TrainJob, run_train
 from sae.job import TrainSAEJob, run_train_sae
 from saerl_jax.demo import DemoConfig, run_demo
 from saerl_jax.engineering.report import render_report
@@ -123,6 +125,72 @@ def _report_parser(sub) -> None:
     p.set_defaults(run=lambda args: print(f"wrote {render_report(args.plan)}"))
 
 
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="GRPO / DAPO training of a Qwen2 model on a problem file")
+    _add_config_option(p)
+    p.add_argument("--algo", choices=sorted(ALGOS), default="grpo", help="algorithm and its defaults (%(default)s)")
+    p.add_argument("--model", type=Path, help="local HF Qwen2 directory: the initial policy")
+    p.add_argument("--data", type=Path, help="training problems, .jsonl or .parquet (DeepMath-103K schema)")
+    p.add_argument("--out", type=Path, help="run directory (checkpoints, metrics.jsonl, tensorboard/, hf/)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: --model)")
+    p.add_argument(
+        "--sampler",
+        choices=["plan", "shuffle", "difficulty"],
+        default="shuffle",
+        help="prompt order: SAERL plan, seeded shuffle (vanilla GRPO) or the data's difficulty (%(default)s)",
+    )
+    p.add_argument("--plan", type=Path, help="plan.json or its directory (saerl engineer), for --sampler plan")
+    p.add_argument("--eval-data", type=Path, help="held-out problems for greedy accuracy")
+    p.add_argument(
+        "--mesh",
+        type=int,
+        nargs=3,
+        default=[-1, 1, 1],
+        metavar=("DATA", "FSDP", "TENSOR"),
+        help="device mesh over all devices; -1 fills the data axis (-1 1 1)",
+    )
+    p.add_argument("--num-epochs", type=int, help="sampler epochs (default: enough for max_steps)")
+    p.add_argument("--data-seed", type=int, default=0, help="seed of the shuffled order (%(default)s)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
+    p.add_argument("--reward-workers", type=int, default=2, help="grading processes (%(default)s)")
+    p.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", help="skip TensorBoard output")
+    p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (jax.distributed)")
+    p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
+    p.add_argument("--process-id", type=int, help="multi-host: this process")
+    algo = p.add_argument_group("algorithm (defaults shown as grpo / dapo)")
+    grpo, dapo = GRPOConfig(), DAPOConfig()
+    for name, doc in field_docs(DAPOConfig).items():
+        default = getattr(grpo, name)
+        kind = {bool: _bool, int: int, float: float}.get(type(default), str)
+        if name == "epsilon_high":
+            kind = float
+        shown = f"{default} / {getattr(dapo, name)}".replace("%", "%%")
+        flag = "--" + name.replace("_", "-")
+        algo.add_argument(flag, type=kind, metavar=name.upper(), help=f"{doc} ({shown})")
+    p.set_defaults(run=_run_train)
+
+
+def _bool(text: str) -> bool:
+    if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+        raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+    return text.lower() in ("true", "1", "yes")
+
+
+def _run_train(args: argparse.Namespace) -> None:
+    if args.coordinator is not None:
+        from rl.distributed import initialize
+
+        initialize(args.coordinator, args.num_processes, args.process_id)
+    overrides = {name: getattr(args, name) for name in field_docs(DAPOConfig) if getattr(args, name) is not None}
+    try:
+        config = ALGOS[args.algo](**overrides)
+    except ValueError as err:
+        raise SystemExit(f"saerl train: {err}") from None
+    job = _to_config(TrainJob, argparse.Namespace(**{**vars(args), "config": config, "mesh": tuple(args.mesh)}))
+    summary = run_train(job)
+    print(f"wrote {summary['out']} (metrics.jsonl, checkpoints/{', hf/' if 'hf' in summary else ''})")
+
+
 def _to_config(cls, args: argparse.Namespace):
     """The command's dataclass from parsed options; a required option given nowhere is an error."""
     fields = dataclasses.fields(cls)
@@ -143,6 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     _extract_parser(sub)
     _engineer_parser(sub)
     _report_parser(sub)
+    _train_parser(sub)
     return parser
 
 

@@ -131,6 +131,19 @@ def test_top_p_only_samples_from_the_nucleus(models):
     assert set(np.asarray(out.tokens_BN)[:, 0].tolist()) <= nucleus
 
 
+def test_per_row_keys_make_rows_independent_of_their_batch(models):
+    model, _ = models
+    ids, mask = padded_batch([5, 7, 6], 7, 320, side="left", seed=11)
+    keys = jax.random.split(jax.random.key(4), 3)
+    kwargs = dict(max_new_tokens=10, temperature=1.0, eos_token_id=320)
+    together = np.asarray(generate(model, ids, mask, rng=keys, **kwargs).tokens_BN)
+    alone = np.asarray(generate(model, ids[1:2], mask[1:2], rng=keys[1:2], **kwargs).tokens_BN)
+    swapped = np.asarray(generate(model, ids[::-1], mask[::-1], rng=keys[::-1], **kwargs).tokens_BN)
+    np.testing.assert_array_equal(together[1], alone[0])
+    np.testing.assert_array_equal(together, swapped[::-1])
+    assert len({tuple(row) for row in together}) == 3
+
+
 def test_bad_arguments(models):
     model, _ = models
     ids = np.ones((1, 4), np.int32)
@@ -147,7 +160,8 @@ def test_inverse_cdf_sampling_follows_the_distribution():
     probs = np.array([0.0, 0.5, 0.0, 0.2, 0.3, 0.0], np.float32)
     n = 20000
     tokens = np.asarray(
-        inverse_cdf_sample(jnp.broadcast_to(jnp.asarray(probs) * 3.0, (n, 6)), jax.random.key(0))  # unnormalised
+        # unnormalised probabilities, one key per row
+        inverse_cdf_sample(jnp.broadcast_to(jnp.asarray(probs) * 3.0, (n, 6)), jax.random.split(jax.random.key(0), n))
     )
     freq = np.bincount(tokens, minlength=6) / n
     assert freq[[0, 2, 5]].sum() == 0  # zero-probability tokens are never drawn

@@ -88,18 +88,18 @@ def nucleus_threshold(probs_BV: jax.Array, top_p: float, iterations: int = 32) -
     return jnp.where(top_enough_B1, hi_B1, lo_B1)
 
 
-def inverse_cdf_sample(probs_BV: jax.Array, rng: jax.Array) -> jax.Array:
-    """One draw per row from unnormalised probabilities, with one uniform number per row.
+def inverse_cdf_sample(probs_BV: jax.Array, keys_B: jax.Array) -> jax.Array:
+    """One draw per row from unnormalised probabilities, with one uniform number per row from that row's key.
 
     Never returns a zero-probability token. ``jax.random.categorical`` draws B x V Gumbel numbers
     instead, several times slower on CPU for a large vocabulary.
     """
     cdf_BV = jnp.cumsum(probs_BV, axis=-1)
-    u_B1 = jax.random.uniform(rng, (*cdf_BV.shape[:-1], 1), cdf_BV.dtype) * cdf_BV[..., -1:]
+    u_B1 = jax.vmap(lambda key: jax.random.uniform(key, (1,), cdf_BV.dtype))(keys_B) * cdf_BV[..., -1:]
     return jnp.minimum(jnp.sum(cdf_BV <= u_B1, axis=-1), probs_BV.shape[-1] - 1)
 
 
-def _sample_token(logits_BV: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
+def _sample_token(logits_BV: jax.Array, keys_B: jax.Array, cfg: SamplingConfig) -> tuple[jax.Array, jax.Array]:
     """Draws one token per row; returns ids ``[B]`` and their log-probs ``[B]``."""
     logits_BV = logits_BV.astype(jnp.float32)
     if cfg.temperature == 0:
@@ -110,7 +110,7 @@ def _sample_token(logits_BV: jax.Array, rng: jax.Array, cfg: SamplingConfig) -> 
         probs_BV = jnp.exp(logprobs_BV)
         if cfg.top_p < 1.0:
             probs_BV = jnp.where(probs_BV >= nucleus_threshold(probs_BV, cfg.top_p), probs_BV, 0.0)
-        token_B = inverse_cdf_sample(probs_BV, rng)
+        token_B = inverse_cdf_sample(probs_BV, keys_B)
     return token_B, jnp.take_along_axis(logprobs_BV, token_B[:, None], axis=-1)[:, 0]
 
 
@@ -129,6 +129,7 @@ def generate_fn(
     model = nnx.merge(graphdef, state)
     b, t = input_ids_BT.shape
     n = cfg.max_new_tokens
+    keys_B = rng if rng.shape == (b,) else jax.random.split(rng, b)
     key_mask_BS = jnp.concatenate([attention_mask_BT, jnp.ones((b, n), attention_mask_BT.dtype)], axis=1)
     prompt_len_B = jnp.sum(attention_mask_BT, axis=-1)
     x_BTD, cache = model.hidden_states(
@@ -145,7 +146,8 @@ def generate_fn(
 
     def body(carry):
         step, cache, logits_BV, done_B, tokens_BN, logprobs_BN, mask_BN = carry
-        token_B, logprob_B = _sample_token(logits_BV, jax.random.fold_in(rng, step), cfg)
+        step_keys_B = jax.vmap(jax.random.fold_in, in_axes=(0, None))(keys_B, step)
+        token_B, logprob_B = _sample_token(logits_BV, step_keys_B, cfg)
         token_B = jnp.where(done_B, pad_id, token_B).astype(jnp.int32)
         tokens_BN = tokens_BN.at[:, step].set(token_B)
         logprobs_BN = logprobs_BN.at[:, step].set(jnp.where(done_B, 0.0, logprob_B))
@@ -197,7 +199,8 @@ def generate(
       temperature: 0 for greedy decoding.
       top_p: nucleus threshold.
       eos_token_id: one id or several; a row stops after the first of them.
-      rng: a ``jax.random`` key.
+      rng: a ``jax.random.key``, or one key per row (``[B]``) so that a row's tokens do not depend on
+        which other rows share its batch.
       pad_token_id: written after EOS; defaults to the first EOS id.
       min_bucket: prompts are left-padded to :func:`bucket_length` ``(T, min_bucket)``.
 

@@ -1,0 +1,82 @@
+"""Training metrics: one JSON line per step (the record to analyse) and TensorBoard scalars (to watch)."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+from saerl_jax.io import atomic_write
+
+
+def _open_log(path: Path, resume_step: int | None):
+    """``path`` opened for appending: emptied for a new run, cut back to rows of steps <= ``resume_step``
+    (atomically) for a resumed one."""
+    if resume_step is None:
+        path.unlink(missing_ok=True)
+    elif path.exists():
+        kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= resume_step]
+        text = "".join(line + "\n" for line in kept)
+        atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    return path.open("a")
+
+
+class MetricsLog:
+    """Appends ``{"step": s, ...}`` rows to ``metrics.jsonl`` and mirrors them to TensorBoard; the sample
+    ids of each step go to ``batches.jsonl`` (``batches.<process>.jsonl`` on several hosts).
+
+    On resume from step s, rows after s (written after the checkpoint the run went back to) are dropped
+    first, so the files of a resumed run equal those of an uninterrupted one.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike,
+        *,
+        resume_step: int | None = None,
+        tensorboard: bool = True,
+        process: tuple[int, int] = (0, 1),
+    ):
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "metrics.jsonl"
+        index, count = process
+        self.primary = index == 0
+        self._file = _open_log(self.path, resume_step) if self.primary else None
+        self._batches = _open_log(
+            directory / ("batches.jsonl" if count == 1 else f"batches.{index}.jsonl"), resume_step
+        )
+        self._writer = None
+        if tensorboard and self.primary:
+            from tensorboardX import SummaryWriter
+
+            self._writer = SummaryWriter(str(Path(directory) / "tensorboard"), purge_step=resume_step)
+
+    def write(self, step: int, row: dict[str, float], sample_ids: list[str]) -> None:
+        """Logs one step's metrics (non-finite values as null) and this host's sample ids in batch order."""
+        self._batches.write(json.dumps({"step": step, "ids": sample_ids}) + "\n")
+        self._batches.flush()
+        if not self.primary:
+            return
+        clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in row.items()}
+        self._file.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
+        self._file.flush()
+        if self._writer is not None:
+            for name, value in clean.items():
+                if value is not None:
+                    self._writer.add_scalar(name, value, step)
+
+    def close(self) -> None:
+        """Flushes and closes the outputs."""
+        self._batches.close()
+        if self._file is not None:
+            self._file.close()
+        if self._writer is not None:
+            self._writer.close()
+
+
+def read_metrics(directory: str | os.PathLike) -> list[dict]:
+    """The rows of a run's ``metrics.jsonl``."""
+    path = Path(directory) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]

@@ -1,0 +1,187 @@
+"""Rollouts: G sampled completions per prompt from the KV-cache sampler, and per-token log-probs of given
+completions computed chunk by chunk (never a full ``[B, T, V]`` float32 array).
+
+Layout used throughout: a prompt is left-padded to P tokens, its completion follows in N slots, so the
+sequence is ``[B, P + N]`` and the log-prob of completion token j comes from position ``P - 1 + j``.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from saerl_jax.model import Qwen2, SamplingConfig, causal_mask, generate_fn, positions_from_mask
+from saerl_jax.model.sampling import left_align
+
+
+class Rollout(NamedTuple):
+    """A batch of B = prompts x G completions, rows of one prompt contiguous; host numpy arrays."""
+
+    prompt_ids_BP: np.ndarray
+    """Left-padded prompts, each repeated G times."""
+    prompt_mask_BP: np.ndarray
+    """1 on prompt tokens."""
+    completion_ids_BN: np.ndarray
+    """Sampled tokens; pad after the first EOS."""
+    completion_mask_BN: np.ndarray
+    """1 up to and including the first EOS."""
+    sampler_logp_BN: np.ndarray
+    """Log-probs the sampler drew the tokens with (temperature-scaled), 0 off the mask."""
+    truncated_B: np.ndarray
+    """True where the completion reached the budget without an EOS."""
+
+    @property
+    def lengths_B(self) -> np.ndarray:
+        """Completion lengths in tokens (EOS included)."""
+        return self.completion_mask_BN.sum(axis=1)
+
+    def select(self, rows: np.ndarray) -> Rollout:
+        """The rollout restricted to ``rows`` (indices or a boolean mask)."""
+        return Rollout(*(field[rows] for field in self))
+
+
+def row_keys(seed: int, step: int, sample_ids: Sequence[str], num_generations: int) -> jax.Array:
+    """One sampling key per completion, from (seed, step, sample id, generation index).
+
+    A completion's tokens then depend on neither its batch neighbours nor the host it is sampled on, so a
+    multi-host or resumed run draws exactly what a single uninterrupted run draws.
+    """
+    base = jax.random.fold_in(jax.random.key(seed), step)
+    ids = np.array([int(hashlib.sha1(s.encode()).hexdigest()[:7], 16) for s in sample_ids], np.uint32)
+    per_sample = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(ids))
+    per_row = jnp.repeat(per_sample, num_generations)
+    return jax.vmap(jax.random.fold_in)(per_row, jnp.tile(jnp.arange(num_generations), len(sample_ids)))
+
+
+def rollout(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    input_ids_BP: np.ndarray,
+    attention_mask_BP: np.ndarray,
+    *,
+    keys: jax.Array,
+    num_generations: int,
+    sampling: SamplingConfig,
+    eos_ids: Sequence[int],
+    pad_id: int,
+) -> Rollout:
+    """Samples ``num_generations`` completions for each prompt of a host batch.
+
+    Args:
+      graphdef, params: the policy, as ``nnx.split`` parts.
+      input_ids_BP, attention_mask_BP: prompts ``[b, P]``, padded on either side.
+      keys: ``[b * G]`` sampling keys (see :func:`row_keys`).
+      num_generations: G.
+      sampling: temperature, top-p and the completion budget N.
+      eos_ids: tokens that end a completion; pad_id is written after them.
+
+    Returns:
+      :class:`Rollout` with ``b * G`` rows.
+    """
+    ids_BP, mask_BP = left_align(np.asarray(input_ids_BP), np.asarray(attention_mask_BP), input_ids_BP.shape[1])
+    ids_BP = np.repeat(ids_BP, num_generations, axis=0)
+    mask_BP = np.repeat(mask_BP, num_generations, axis=0)
+    eos_E = np.asarray(eos_ids, np.int32)
+    out = generate_fn(
+        graphdef,
+        params,
+        jnp.asarray(ids_BP),
+        jnp.asarray(mask_BP),
+        keys,
+        jnp.asarray(eos_E),
+        jnp.int32(pad_id),
+        sampling,
+    )
+    tokens_BN, logp_BN, cmask_BN = (np.asarray(a) for a in out)
+    ended_B = (np.isin(tokens_BN, eos_E) & (cmask_BN == 1)).any(axis=1)
+    return Rollout(ids_BP, mask_BP, tokens_BN, cmask_BN, logp_BN, ~ended_B)
+
+
+def head_weight_DV(model: Qwen2) -> jax.Array:
+    """The LM head as a ``[D, V]`` matrix (the tied embedding transposed when the model ties them)."""
+    if model.lm_head is None:
+        return model.embed_tokens.embedding[...].T
+    return model.lm_head.kernel[...]
+
+
+def _chunk_logprobs(args, w_DV: jax.Array, temperature: float):
+    """Log-prob of the given tokens and the entropy, for one chunk of positions."""
+    x_BCD, ids_BC = args
+    logits_BCV = jnp.einsum("bcd,dv->bcv", x_BCD, w_DV, preferred_element_type=jnp.float32) / temperature
+    lse_BC = jax.nn.logsumexp(logits_BCV, axis=-1)
+    picked_BC = jnp.take_along_axis(logits_BCV, ids_BC[..., None], axis=-1)[..., 0]
+    probs_BCV = jnp.exp(logits_BCV - lse_BC[..., None])
+    entropy_BC = lse_BC - jnp.sum(probs_BCV * logits_BCV, axis=-1)
+    return picked_BC - lse_BC, entropy_BC
+
+
+def completion_logprobs(
+    model: Qwen2,
+    prompt_ids_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    completion_ids_BN: jax.Array,
+    completion_mask_BN: jax.Array,
+    *,
+    temperature: float,
+    chunk: int = 64,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token log-probs and entropies of completions under ``model`` at ``temperature``.
+
+    One forward over ``[B, P + N]``, then the LM head and log-softmax over ``chunk`` positions at a time
+    under ``jax.checkpoint``: the largest float32 logits held, forward or backward, are ``[B, chunk, V]``.
+
+    Returns:
+      ``(logp_BN, entropy_BN)``; values off the completion mask are meaningless (mask them).
+    """
+    b, p = prompt_ids_BP.shape
+    n = completion_ids_BN.shape[1]
+    ids_BT = jnp.concatenate([prompt_ids_BP, completion_ids_BN], axis=1)
+    mask_BT = jnp.concatenate([prompt_mask_BP, completion_mask_BN], axis=1).astype(jnp.int32)
+    slots_BT = jnp.broadcast_to(jnp.arange(p + n), (b, p + n))
+    x_BTD, _ = model.hidden_states(ids_BT, positions_from_mask(mask_BT), causal_mask(mask_BT, slots_BT))
+    x_BND = model.norm(x_BTD[:, p - 1 : p + n - 1])
+    chunk = min(chunk, n)
+    padded = -(-n // chunk) * chunk
+    x_BND = jnp.pad(x_BND, ((0, 0), (0, padded - n), (0, 0)))
+    ids_BN = jnp.pad(completion_ids_BN, ((0, 0), (0, padded - n)))
+    x_KBCD = x_BND.reshape(b, -1, chunk, x_BND.shape[-1]).swapaxes(0, 1)
+    ids_KBC = ids_BN.reshape(b, -1, chunk).swapaxes(0, 1)
+    step = jax.checkpoint(functools.partial(_chunk_logprobs, w_DV=head_weight_DV(model), temperature=temperature))
+    logp_KBC, entropy_KBC = jax.lax.map(step, (x_KBCD, ids_KBC))
+    return (
+        logp_KBC.swapaxes(0, 1).reshape(b, padded)[:, :n],
+        entropy_KBC.swapaxes(0, 1).reshape(b, padded)[:, :n],
+    )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk"))
+def logprobs_fn(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    prompt_ids_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    completion_ids_BN: jax.Array,
+    completion_mask_BN: jax.Array,
+    temperature: float,
+    chunk: int = 64,
+) -> jax.Array:
+    """:func:`completion_logprobs` (log-probs only) as a jitted function of the model state: the old
+    policy's log-probs before a multi-iteration update, or the frozen reference's."""
+    model = nnx.merge(graphdef, params)
+    logp_BN, _ = completion_logprobs(
+        model,
+        prompt_ids_BP,
+        prompt_mask_BP,
+        completion_ids_BN,
+        completion_mask_BN,
+        temperature=temperature,
+        chunk=chunk,
+    )
+    return logp_BN

@@ -1,0 +1,367 @@
+"""``saerl train``: rollout -> reward -> advantages -> ``num_iterations`` sharded updates, with Orbax
+checkpoints that resume exactly, metrics to JSONL and TensorBoard, and a final Hugging Face directory.
+
+The loop is thin; the maths lives in :mod:`rl.losses` and :mod:`rl.step`, the data in
+:mod:`rl.collect` and :mod:`saerl_jax.pipeline`. Sampling keys derive from (seed, step, sample id), so
+a resumed or multi-host run draws what one uninterrupted run draws.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from flax import nnx
+from grain import python as grain
+from jax.experimental import multihost_utils
+from tqdm.auto import tqdm
+
+from rl.collect import GradedBatch, PromptQueue, collect, shaped_rewards
+from rl.config import GRPOConfig, config_from_dict
+from rl.metrics import MetricsLog
+from rl.rewards import RewardGrader, format_reward
+from rl.rollout import logprobs_fn, rollout, row_keys
+from rl.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
+from rl.step import TrainState, init_state, jit_train_step, make_optimizer
+from saerl_jax.data.problems import Problem, load_problems
+from saerl_jax.data.prompt import load_tokenizer
+from saerl_jax.engineering.planner import Plan
+from saerl_jax.model import SamplingConfig, load_pretrained, save_pretrained
+from saerl_jax.pipeline import CurriculumSampler, ExternalDifficultySampler, ShuffleSampler, make_loader
+from saerl_jax.sft import greedy_accuracy
+
+RESUMABLE_FIELDS = ("max_steps", "eval_steps", "eval_limit", "save_steps")
+"""Config fields a resumed run may change; any other difference is refused."""
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class TrainJob:
+    """Options of ``saerl train`` besides the algorithm's :class:`GRPOConfig`."""
+
+    model: Path
+    """Hugging Face Qwen2 directory: the initial policy (and the KL reference)."""
+    data: Path
+    """Training problems (DeepMath schema, JSONL or parquet)."""
+    out: Path
+    """Run directory: checkpoints/, metrics.jsonl, tensorboard/, hf/ (final model), summary.json."""
+    config: GRPOConfig
+    """The algorithm and its hyper-parameters."""
+    tokenizer: Path | None = None
+    """Tokenizer directory; the model directory when None."""
+    sampler: Literal["plan", "shuffle", "difficulty"] = "shuffle"
+    """Prompt order: the SAERL plan, a seeded shuffle (vanilla), or the dataset's difficulty labels."""
+    plan: Path | None = None
+    """``plan.json`` (or the directory holding it) for ``sampler='plan'``."""
+    eval_data: Path | None = None
+    """Held-out problems for greedy accuracy; none evaluated when None."""
+    mesh: tuple[int, int, int] = (-1, 1, 1)
+    """(data, fsdp, tensor) mesh shape over all devices; -1 fills the data axis."""
+    num_epochs: int | None = None
+    """Sampler epochs; by default enough for ``max_steps`` (times the dynamic-sampling draw limit)."""
+    data_seed: int = 0
+    """Seed of the shuffled order."""
+    resume: bool = False
+    """Continue from the latest checkpoint in ``out/checkpoints``."""
+    reward_workers: int = 2
+    """Grading processes."""
+    tensorboard: bool = True
+    """Also write TensorBoard scalars."""
+    progress: bool = True
+    """Show a progress bar."""
+    reward: Callable[[Sequence[str], Sequence[str]], Sequence[float]] | None = None
+    """A reward ``(completions, answers) -> scores`` replacing the math-verify grader (which then also
+    gives the ``accuracy`` metric); format and overlong shaping still apply."""
+
+
+def _sampler(job: TrainJob, problems: dict[str, Problem], cfg: GRPOConfig):
+    shard = grain.ShardOptions(shard_index=jax.process_index(), shard_count=jax.process_count())
+    ids = sorted(problems)
+    draws = cfg.max_steps * cfg.batch_size * (cfg.max_num_gen_batches if cfg.dynamic_sampling else 1)
+    epochs = job.num_epochs or max(1, math.ceil(draws / len(ids)))
+    if job.sampler == "shuffle":
+        return ShuffleSampler(ids, cfg.batch_size, num_epochs=epochs, seed=job.data_seed, shard_options=shard)
+    if job.sampler == "difficulty":
+        unlabelled = [i for i in ids if problems[i].difficulty is None]
+        if unlabelled:
+            raise ValueError(f"{job.data}: {len(unlabelled)} problems have no difficulty (first: {unlabelled[0]})")
+        difficulty = [problems[i].difficulty for i in ids]
+        return ExternalDifficultySampler(
+            ids, difficulty, cfg.batch_size, num_epochs=epochs, seed=job.data_seed, shard_options=shard
+        )
+    if job.sampler == "plan":
+        if job.plan is None:
+            raise ValueError("sampler='plan' needs a plan (saerl engineer writes plan.json)")
+        path = job.plan / "plan.json" if job.plan.is_dir() else job.plan
+        plan = Plan.load(path)
+        epochs = job.num_epochs or max(1, math.ceil(draws / max(1, len(plan.ids()))))
+        return CurriculumSampler(plan, num_epochs=epochs, seed=job.data_seed, shard_options=shard)
+    raise ValueError(f"sampler must be plan, shuffle or difficulty, got {job.sampler!r}")
+
+
+def _gather(x: np.ndarray) -> np.ndarray:
+    """All hosts' rows of a host-local array, in process order."""
+    if jax.process_count() == 1:
+        return np.asarray(x)
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
+
+
+def _host_params(params):
+    """Params as this host can use them alone (rollouts and export run per host)."""
+    if jax.process_count() == 1:
+        return params
+    return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
+
+
+class Trainer:
+    """Holds a run's model, data, mesh and checkpoint manager; :meth:`train` is the loop."""
+
+    def __init__(self, job: TrainJob):
+        self.job, self.cfg = job, job.config
+        cfg = self.cfg
+        if cfg.batch_size % jax.process_count():
+            raise ValueError(f"batch_size={cfg.batch_size} does not split over {jax.process_count()} processes")
+        self.local_batch_size = cfg.batch_size // jax.process_count()
+        self.tokenizer = load_tokenizer(job.tokenizer or job.model)
+        self.problems = {p.id: p for p in load_problems(job.data).problems}
+        self.eval_rows = []
+        if job.eval_data is not None:
+            rows = load_problems(job.eval_data, limit=cfg.eval_limit).problems
+            self.eval_rows = [{"question": p.question, "final_answer": p.final_answer} for p in rows]
+        self.eos_ids = sorted(
+            {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id} - {None}
+        )
+        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        model = load_pretrained(job.model)
+        self.graphdef, params = nnx.split(model)
+        self.mesh = make_mesh(*job.mesh)
+        self.optimizer = make_optimizer(cfg)
+        state = init_state(params, self.optimizer)
+        self.state_shardings = tree_shardings(state, self.mesh)
+        self.state = jax.device_put(state, self.state_shardings)
+        self.ref_params = None
+        if cfg.beta > 0:  # a separate copy: the state's buffers are donated to every update
+            self.ref_params = jax.tree.map(jnp.copy, self.state.params)
+        self.step_fn = jit_train_step(
+            self.graphdef,
+            cfg,
+            self.optimizer,
+            state_shardings=self.state_shardings,
+            batch_shardings=batch_sharding(self.mesh),
+        )
+        self.iterator = iter(make_loader(_sampler(job, self.problems, cfg), self.problems, self.tokenizer))
+        self.queue = PromptQueue(self.iterator, cfg.max_prompt_length, self.pad_id)
+        self.sampling = SamplingConfig(
+            max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p
+        )
+        options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
+        self.manager = ocp.CheckpointManager(
+            (job.out / "checkpoints").absolute(), item_names=("state", "data", "meta"), options=options
+        )
+        self.step = 0
+        self.resumed = job.resume and self.manager.latest_step() is not None
+        if self.resumed:
+            self._restore(self.manager.latest_step())
+
+    # --- checkpoints -------------------------------------------------------------------------------------
+    def _save(self) -> None:
+        meta = {"step": self.step, "queue": self.queue.state(), "config": self.cfg.to_dict()}
+        meta["prompts_truncated"] = self.queue.truncated
+        self.manager.save(
+            self.step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardSave(self.state),
+                data=grain.PyGrainCheckpointSave(self.iterator),
+                meta=ocp.args.JsonSave(meta),
+            ),
+        )
+
+    def _restore(self, step: int) -> None:
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
+        restored = self.manager.restore(
+            step,
+            args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract),
+                data=grain.PyGrainCheckpointRestore(self.iterator),
+                meta=ocp.args.JsonRestore(),
+            ),
+        )
+        saved = config_from_dict(restored.meta["config"])
+        changed = [
+            f.name
+            for f in dataclasses.fields(self.cfg)
+            if f.name not in RESUMABLE_FIELDS and getattr(saved, f.name) != getattr(self.cfg, f.name)
+        ]
+        if type(saved) is not type(self.cfg) or changed:
+            raise ValueError(
+                f"{self.job.out}: the checkpoint was made with a different config "
+                f"({', '.join(changed) or type(saved).__name__}); resume with the same settings or a new --out"
+            )
+        self.state = TrainState(*restored.state)
+        self.step = int(restored.meta["step"])
+        self.queue.restore(restored.meta["queue"])
+        self.queue.truncated = int(restored.meta["prompts_truncated"])
+
+    # --- one step ----------------------------------------------------------------------------------------
+    def _roll(self, prompts: dict[str, np.ndarray], draw: int, params):
+        keys = row_keys(
+            self.cfg.seed,
+            self.step * self.cfg.max_num_gen_batches + draw,
+            list(prompts["ids"]),
+            self.cfg.num_generations,
+        )
+        return rollout(
+            self.graphdef,
+            params,
+            prompts["input_ids"],
+            prompts["attention_mask"],
+            keys=keys,
+            num_generations=self.cfg.num_generations,
+            sampling=self.sampling,
+            eos_ids=self.eos_ids,
+            pad_id=self.pad_id,
+        )
+
+    def _decode(self, tokens_BN: np.ndarray) -> list[str]:
+        return self.tokenizer.batch_decode(tokens_BN.tolist(), skip_special_tokens=True)
+
+    def _batch(self, graded: GradedBatch) -> dict[str, jax.Array]:
+        r = graded.rollout
+        loss_mask_BN = r.completion_mask_BN * (~r.truncated_B[:, None] if self.cfg.mask_truncated_completions else 1)
+        host = {
+            "prompt_ids_BP": r.prompt_ids_BP,
+            "prompt_mask_BP": r.prompt_mask_BP,
+            "completion_ids_BN": r.completion_ids_BN,
+            "loss_mask_BN": loss_mask_BN.astype(np.int32),
+            "rewards_B": graded.rewards_B,
+        }
+        batch = shard_batch(host, self.mesh)
+        args = [batch[k] for k in ("prompt_ids_BP", "prompt_mask_BP", "completion_ids_BN", "loss_mask_BN")]
+        logp = functools.partial(
+            logprobs_fn, self.graphdef, temperature=self.cfg.temperature, chunk=self.cfg.logprob_chunk
+        )
+        if self.cfg.beta > 0:
+            batch["ref_logp_BN"] = logp(self.ref_params, *args)
+        if self.cfg.num_iterations > 1:
+            batch["old_logp_BN"] = logp(self.state.params, *args)
+        return batch
+
+    def train_one_step(self) -> tuple[dict[str, float], list[str]]:
+        """Rollout, grading and ``num_iterations`` updates; returns the step's metrics and this host's
+        sample ids in batch order."""
+        started = time.perf_counter()
+        params = _host_params(self.state.params)
+        roll = functools.partial(self._roll, params=params)
+        grade = self.job.reward or self.grader
+        reward_fn = functools.partial(shaped_rewards, cfg=self.cfg, grade=grade, format_reward=format_reward)
+        graded = collect(self.queue, self.local_batch_size, self.cfg, roll, self._decode, reward_fn)
+        rolled = time.perf_counter()
+        batch = self._batch(graded)
+        for _ in range(self.cfg.num_iterations):
+            self.state, metrics = self.step_fn(self.state, batch)
+        metrics = {name: float(value) for name, value in metrics.items()}
+        if not math.isfinite(metrics["loss"]):
+            raise FloatingPointError(f"step {self.step + 1}: the loss is {metrics['loss']} (lower the learning rate?)")
+        done = time.perf_counter()
+        self.step += 1
+        row = {
+            **metrics,
+            **self._rollout_metrics(graded),
+            "rollout_s": rolled - started,
+            "update_s": done - rolled,
+            "tokens_per_s": float(_gather(graded.rollout.lengths_B).sum()) / (done - started),
+        }
+        return row, graded.sample_ids
+
+    def _rollout_metrics(self, graded: GradedBatch) -> dict[str, float]:
+        rewards, correct = _gather(graded.rewards_B), _gather(graded.correct_B)
+        lengths, truncated = _gather(graded.rollout.lengths_B), _gather(graded.rollout.truncated_B)
+        return {
+            "reward_mean": float(rewards.mean()),
+            "reward_std": float(rewards.std()),
+            "accuracy": float(correct.mean()),
+            "completion_length": float(lengths.mean()),
+            "truncation_rate": float(truncated.mean()),
+            "reward_timeouts": float(self.grader.timeouts),
+            "prompts_truncated": float(self.queue.truncated),
+            **{k: float(v) for k, v in graded.stats.items()},
+        }
+
+    def evaluate(self) -> float:
+        """Greedy accuracy on the held-out rows (math-verify, same reward as training)."""
+        model = nnx.merge(self.graphdef, _host_params(self.state.params))
+        accuracy, _ = greedy_accuracy(
+            model,
+            self.tokenizer,
+            self.eval_rows,
+            max_new_tokens=self.cfg.max_completion_length,
+            batch_size=min(128, len(self.eval_rows)),
+        )
+        return accuracy
+
+    def export(self, directory: Path) -> Path:
+        """Writes the current policy as a Hugging Face directory (config, safetensors, tokenizer)."""
+        model = nnx.merge(self.graphdef, jax.tree.map(np.asarray, _host_params(self.state.params)))
+        if jax.process_index() == 0:
+            save_pretrained(model, directory)
+            self.tokenizer.save_pretrained(directory)
+        return directory
+
+    # --- the loop ----------------------------------------------------------------------------------------
+    def train(self) -> dict:
+        """Runs to ``max_steps`` (or Ctrl-C), checkpointing and logging; returns the run summary."""
+        cfg, job = self.cfg, self.job
+        log = MetricsLog(
+            job.out,
+            resume_step=self.step if self.resumed else None,
+            tensorboard=job.tensorboard,
+            process=(jax.process_index(), jax.process_count()),
+        )
+        bar = tqdm(
+            total=cfg.max_steps,
+            initial=self.step,
+            desc=f"train {cfg.to_dict()['algo']}",
+            unit="step",
+            disable=not job.progress or jax.process_index() != 0,
+        )
+        interrupted, saved_at = False, self.step if self.resumed else None
+        self.grader = RewardGrader(workers=self.job.reward_workers, timeout_s=cfg.reward_timeout_s)
+        try:
+            while self.step < cfg.max_steps:
+                row, sample_ids = self.train_one_step()
+                last = self.step == cfg.max_steps
+                if self.eval_rows and (last or (cfg.eval_steps and self.step % cfg.eval_steps == 0)):
+                    row["eval_accuracy"] = self.evaluate()
+                log.write(self.step, row, sample_ids)
+                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}", kl=f"{row['kl']:.4f}")
+                bar.update(1)
+                if self.step % cfg.save_steps == 0 or last:
+                    self._save()
+                    saved_at = self.step
+        except KeyboardInterrupt:
+            interrupted = True
+            print(f"\ninterrupted at step {self.step}; saving a checkpoint", flush=True)
+        finally:
+            if saved_at != self.step:
+                self._save()
+            self.manager.wait_until_finished()
+            self.grader.close()
+            log.close()
+            bar.close()
+        summary = {"step": self.step, "interrupted": interrupted, "out": str(job.out)}
+        if not interrupted:
+            summary["hf"] = str(self.export(job.out / "hf"))
+        return summary
+
+
+def run_train(job: TrainJob) -> dict:
+    """Builds a :class:`Trainer` for ``job`` and runs it."""
+    return Trainer(job).train()

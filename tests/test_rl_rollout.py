@@ -1,0 +1,138 @@
+"""Rollouts and chunked log-probs: masks up to the first EOS, truncation flags, log-probs equal to a full
+forward pass (and the sampler's), chunking that never holds [B, T, V], and per-completion keys."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import CONFIGS, padded_batch, save_hf_qwen2
+from flax import nnx
+
+from rl.rollout import completion_logprobs, logprobs_fn, rollout, row_keys
+from saerl_jax.model import SamplingConfig, forward, load_pretrained
+
+VOCAB = 320
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    directory = tmp_path_factory.mktemp("rollout")
+    save_hf_qwen2(directory, initializer_range=0.2, **CONFIGS["tied-gqa"])
+    return load_pretrained(directory)
+
+
+def _reference_logprobs(model, prompt_ids, prompt_mask, completion, temperature):
+    """log softmax(logits / T) of the completion tokens from one plain forward pass, in float64."""
+    ids = np.concatenate([prompt_ids, completion], axis=1)
+    mask = np.concatenate([prompt_mask, np.ones_like(completion)], axis=1)
+    p = prompt_ids.shape[1]
+    logits = np.asarray(forward(model, ids, mask), np.float64)[:, p - 1 : -1] / temperature
+    logz = np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1)) + logits.max(-1)
+    logp = np.take_along_axis(logits, completion[..., None], axis=-1)[..., 0] - logz
+    probs = np.exp(logits - logz[..., None])
+    return logp, -(probs * (logits - logz[..., None])).sum(-1)
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 64])
+def test_chunked_logprobs_equal_a_full_forward(model, chunk):
+    prompt_ids, prompt_mask = padded_batch([6, 3, 8], 8, VOCAB, side="left", seed=1)
+    completion = np.random.default_rng(2).integers(1, VOCAB, (3, 7))
+    logp, entropy = completion_logprobs(
+        model,
+        jnp.asarray(prompt_ids),
+        jnp.asarray(prompt_mask),
+        jnp.asarray(completion),
+        jnp.ones((3, 7), jnp.int32),
+        temperature=0.7,
+        chunk=chunk,
+    )
+    ref_logp, ref_entropy = _reference_logprobs(model, prompt_ids, prompt_mask, completion, 0.7)
+    np.testing.assert_allclose(np.asarray(logp), ref_logp, atol=2e-5)
+    np.testing.assert_allclose(np.asarray(entropy), ref_entropy, atol=2e-5)
+
+
+def _shapes(jaxpr) -> list[tuple[int, ...]]:
+    """Shapes of every value produced anywhere in a jaxpr, sub-jaxprs included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        shapes += [tuple(v.aval.shape) for v in eqn.outvars if hasattr(v.aval, "shape")]
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, list | tuple) else [param]:
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes += _shapes(inner)
+    return shapes
+
+
+def test_logprobs_and_their_gradient_never_hold_full_vocab_logits(model):
+    b, p, n, chunk = 2, 8, 24, 4
+    graphdef, params = nnx.split(model)
+    args = (jnp.ones((b, p), jnp.int32), jnp.ones((b, p), jnp.int32), jnp.ones((b, n), jnp.int32))
+
+    def total(params):
+        logp, _ = completion_logprobs(
+            nnx.merge(graphdef, params), *args, jnp.ones((b, n), jnp.int32), temperature=1.0, chunk=chunk
+        )
+        return logp.sum()
+
+    shapes = _shapes(jax.make_jaxpr(jax.grad(total))(params).jaxpr)
+    vocab_sized = [s for s in shapes if s and s[-1] == VOCAB and len(s) >= 3]
+    assert vocab_sized, "the vocabulary axis should appear (per chunk)"
+    assert max(int(np.prod(s)) for s in vocab_sized) <= b * chunk * VOCAB
+
+
+def test_rollout_masks_include_the_first_eos_and_flag_truncation(model):
+    prompt_ids, prompt_mask = padded_batch([5, 7], 7, VOCAB, side="left", seed=3)
+    graphdef, params = nnx.split(model)
+    sampling = SamplingConfig(max_new_tokens=12, temperature=1.0)
+    keys = row_keys(0, 0, ["a", "b"], 4)
+    free = rollout(
+        graphdef,
+        params,
+        prompt_ids,
+        prompt_mask,
+        keys=keys,
+        num_generations=4,
+        sampling=sampling,
+        eos_ids=[VOCAB + 5],
+        pad_id=0,
+    )  # an id never sampled: nothing ends
+    assert free.truncated_B.all() and free.completion_mask_BN.all()
+    eos = int(free.completion_ids_BN[0, 3])  # row 0 emits this at position 3 (or earlier): make it EOS
+    # pad == eos, as in Qwen: a "!= pad" mask would drop the EOS itself
+    out = rollout(
+        graphdef,
+        params,
+        prompt_ids,
+        prompt_mask,
+        keys=keys,
+        num_generations=4,
+        sampling=sampling,
+        eos_ids=[eos],
+        pad_id=eos,
+    )
+    assert out.prompt_ids_BP.shape == (8, 7)
+    np.testing.assert_array_equal(out.prompt_ids_BP[:4], np.repeat(prompt_ids[:1] * prompt_mask[:1], 4, axis=0))
+    np.testing.assert_array_equal(out.prompt_mask_BP[4:], np.repeat(prompt_mask[1:], 4, axis=0))
+    for row in range(8):
+        hits = np.flatnonzero(free.completion_ids_BN[row] == eos)
+        length = hits[0] + 1 if hits.size else 12
+        np.testing.assert_array_equal(out.completion_mask_BN[row], np.arange(12) < length)
+        np.testing.assert_array_equal(out.completion_ids_BN[row, :length], free.completion_ids_BN[row, :length])
+        assert out.truncated_B[row] == (hits.size == 0)
+    assert out.lengths_B[0] <= 4 and not out.truncated_B[0]
+    # The sampler's log-probs are what a teacher-forced pass gives for the kept tokens.
+    logp = logprobs_fn(graphdef, params, *(jnp.asarray(a) for a in out[:4]), temperature=1.0, chunk=5)
+    on = out.completion_mask_BN == 1
+    np.testing.assert_allclose(np.asarray(logp)[on], out.sampler_logp_BN[on], atol=1e-4)
+
+
+def test_row_keys_depend_on_sample_and_generation_not_position():
+    a = jax.random.key_data(row_keys(3, 7, ["x", "y"], 2))
+    b = jax.random.key_data(row_keys(3, 7, ["y", "x"], 2))
+    np.testing.assert_array_equal(a[:2], b[2:])
+    assert len({tuple(k) for k in a.tolist()}) == 4
+    c = jax.random.key_data(row_keys(3, 8, ["x", "y"], 2))
+    assert (a != c).any()
