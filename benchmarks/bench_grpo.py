@@ -59,7 +59,7 @@ import matplotlib
 import numpy as np
 
 from rl.config import GRPOConfig
-from rl.rewards import RewardGrader, math_reward
+from rl.rewards import math_reward
 from rl.trainer import Trainer, TrainJob
 from saerl_jax.data import SYSTEM_PROMPT, format_example, load_tokenizer
 from saerl_jax.data.problems import Problem, load_problems
@@ -183,7 +183,6 @@ class SaerlSteps:
             progress=False,
         )
         self.trainer = Trainer(job)
-        self.trainer.grader = RewardGrader(workers=job.reward_workers, timeout_s=cfg.reward_timeout_s)
 
     def step(self) -> None:
         """One step, timed; checks it drew the expected prompts."""
@@ -204,7 +203,7 @@ class SaerlSteps:
         return self
 
     def __exit__(self, *exc) -> None:
-        self.trainer.grader.close()
+        self.trainer.close()
         self.trainer.manager.close()
         self.out.cleanup()
 

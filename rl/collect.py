@@ -16,6 +16,7 @@ import numpy as np
 from rl import losses
 from rl.config import GRPOConfig
 from rl.rollout import Rollout
+from saerl_jax.model import bucket_length
 
 
 class SamplerExhaustedError(RuntimeError):
@@ -36,14 +37,17 @@ class PromptQueue:
 
     iterator: Iterator[dict]
     length: int
+    """Longest prompt kept; longer ones keep their last ``length`` tokens (counted in ``truncated``)."""
     pad_id: int = 0
+    fixed: bool = False
+    """Pad every batch to ``length`` (equal shapes on every host) instead of to the length bucket of its
+    longest prompt (less padding; a few compiles)."""
     pending: list[dict] = dataclasses.field(default_factory=list)
     truncated: int = 0
 
     def take(self, count: int) -> dict[str, np.ndarray]:
-        """The next ``count`` prompts, left-padded to ``length`` tokens (longer ones keep their last
-        ``length`` tokens, counted in ``truncated``): ``input_ids``, ``attention_mask``, ``ids``,
-        ``final_answer``. A fixed width means one compile and equal shapes on every host."""
+        """The next ``count`` prompts, left-padded: ``input_ids``, ``attention_mask``, ``ids``,
+        ``final_answer``."""
         while len(self.pending) < count:
             try:
                 batch = next(self.iterator)
@@ -61,13 +65,14 @@ class PromptQueue:
                     }
                 )
         rows, self.pending = self.pending[:count], self.pending[count:]
-        ids = np.full((count, self.length), self.pad_id, np.int32)
+        prompts = [row["input_ids"][-self.length :] for row in rows]
+        self.truncated += sum(len(p) < len(row["input_ids"]) for p, row in zip(prompts, rows, strict=True))
+        width = self.length if self.fixed else min(self.length, bucket_length(max(len(p) for p in prompts)))
+        ids = np.full((count, width), self.pad_id, np.int32)
         mask = np.zeros_like(ids)
-        for i, row in enumerate(rows):
-            prompt = row["input_ids"][-self.length :]
-            self.truncated += len(prompt) < len(row["input_ids"])
-            ids[i, self.length - len(prompt) :] = prompt
-            mask[i, self.length - len(prompt) :] = 1
+        for i, prompt in enumerate(prompts):
+            ids[i, width - len(prompt) :] = prompt
+            mask[i, width - len(prompt) :] = 1
         return {
             "input_ids": ids,
             "attention_mask": mask,
@@ -177,5 +182,13 @@ def collect(
 
 
 def _concat(rollouts: list[Rollout]) -> Rollout:
-    """Rows of several rollouts (of equal widths) in one."""
+    """Rows of several rollouts in one; prompts are left-padded to the widest."""
+    width = max(r.prompt_ids_BP.shape[1] for r in rollouts)
+
+    def widen(a: np.ndarray) -> np.ndarray:
+        return np.pad(a, ((0, 0), (width - a.shape[1], 0)))
+
+    rollouts = [
+        r._replace(prompt_ids_BP=widen(r.prompt_ids_BP), prompt_mask_BP=widen(r.prompt_mask_BP)) for r in rollouts
+    ]
     return Rollout(*(np.concatenate(fields) for fields in zip(*rollouts, strict=True)))

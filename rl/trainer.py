@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -114,6 +115,16 @@ def _gather(x: np.ndarray) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(np.asarray(x), tiled=True))
 
 
+def _gather_json(value) -> list:
+    """Every host's JSON-able ``value``, in process order (as zero-padded UTF-8 rows; JSON has no NUL)."""
+    if jax.process_count() == 1:
+        return [value]
+    data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+    width = int(_gather(np.array([data.size])).max())
+    rows = _gather(np.pad(data, (0, width - data.size))[None])
+    return [json.loads(bytes(row).rstrip(b"\0")) for row in rows]
+
+
 def _host_params(params):
     """Params as this host can use them alone (rollouts and export run per host)."""
     if jax.process_count() == 1:
@@ -158,7 +169,7 @@ class Trainer:
             batch_shardings=batch_sharding(self.mesh),
         )
         self.iterator = iter(make_loader(_sampler(job, self.problems, cfg), self.problems, self.tokenizer))
-        self.queue = PromptQueue(self.iterator, cfg.max_prompt_length, self.pad_id)
+        self.queue = PromptQueue(self.iterator, cfg.max_prompt_length, self.pad_id, fixed=jax.process_count() > 1)
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p
         )
@@ -166,6 +177,7 @@ class Trainer:
         self.manager = ocp.CheckpointManager(
             (job.out / "checkpoints").absolute(), item_names=("state", "data", "meta"), options=options
         )
+        self.grader = RewardGrader(workers=job.reward_workers, timeout_s=cfg.reward_timeout_s)  # starts on first use
         self.step = 0
         self.resumed = job.resume and self.manager.latest_step() is not None
         if self.resumed:
@@ -173,8 +185,9 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def _save(self) -> None:
-        meta = {"step": self.step, "queue": self.queue.state(), "config": self.cfg.to_dict()}
-        meta["prompts_truncated"] = self.queue.truncated
+        # Every host's carried-over prompts: only the primary host writes JSON items.
+        queues = _gather_json({"pending": self.queue.state(), "truncated": self.queue.truncated})
+        meta = {"step": self.step, "queues": queues, "config": self.cfg.to_dict()}
         self.manager.save(
             self.step,
             args=ocp.args.Composite(
@@ -207,8 +220,10 @@ class Trainer:
             )
         self.state = TrainState(*restored.state)
         self.step = int(restored.meta["step"])
-        self.queue.restore(restored.meta["queue"])
-        self.queue.truncated = int(restored.meta["prompts_truncated"])
+        # (Grain has already refused a checkpoint written by a different number of processes.)
+        queue = restored.meta["queues"][jax.process_index()]
+        self.queue.restore(queue["pending"])
+        self.queue.truncated = int(queue["truncated"])
 
     # --- one step ----------------------------------------------------------------------------------------
     def _roll(self, prompts: dict[str, np.ndarray], draw: int, params):
@@ -284,15 +299,19 @@ class Trainer:
     def _rollout_metrics(self, graded: GradedBatch) -> dict[str, float]:
         rewards, correct = _gather(graded.rewards_B), _gather(graded.correct_B)
         lengths, truncated = _gather(graded.rollout.lengths_B), _gather(graded.rollout.truncated_B)
+        # Counts of every host: summed, except the fraction (hosts hold equal numbers of groups) and the
+        # draws (the slowest host's).
+        local = {**graded.stats, "reward_timeouts": self.grader.timeouts, "prompts_truncated": self.queue.truncated}
+        names = sorted(local)
+        stats_SH = _gather(np.array([[local[k] for k in names]], np.float32)).T
+        combine = {"frac_reward_zero_std": np.mean, "gen_batches": np.max}
         return {
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
             "accuracy": float(correct.mean()),
             "completion_length": float(lengths.mean()),
             "truncation_rate": float(truncated.mean()),
-            "reward_timeouts": float(self.grader.timeouts),
-            "prompts_truncated": float(self.queue.truncated),
-            **{k: float(v) for k, v in graded.stats.items()},
+            **{k: float(combine.get(k, np.sum)(v)) for k, v in zip(names, stats_SH, strict=True)},
         }
 
     def evaluate(self) -> float:
@@ -315,6 +334,10 @@ class Trainer:
             self.tokenizer.save_pretrained(directory)
         return directory
 
+    def close(self) -> None:
+        """Stops the grading processes (started again if the trainer is used afterwards)."""
+        self.grader.close()
+
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self) -> dict:
         """Runs to ``max_steps`` (or Ctrl-C), checkpointing and logging; returns the run summary."""
@@ -333,7 +356,6 @@ class Trainer:
             disable=not job.progress or jax.process_index() != 0,
         )
         interrupted, saved_at = False, self.step if self.resumed else None
-        self.grader = RewardGrader(workers=self.job.reward_workers, timeout_s=cfg.reward_timeout_s)
         try:
             while self.step < cfg.max_steps:
                 row, sample_ids = self.train_one_step()
@@ -353,7 +375,7 @@ class Trainer:
             if saved_at != self.step:
                 self._save()
             self.manager.wait_until_finished()
-            self.grader.close()
+            self.close()
             log.close()
             bar.close()
         summary = {"step": self.step, "interrupted": interrupted, "out": str(job.out)}

@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from rl.config import ALGOS, DAPOConfig, GRPOConfig, field_docs
+from rl.evaluate import EvalJob, run_eval
 from rl.trainer import TrainJob, run_train
 from sae.job import TrainSAEJob, run_train_sae
 from saerl_jax.demo import DemoConfig, run_demo
@@ -39,6 +40,10 @@ def _demo_parser(sub) -> None:
     p.add_argument("--n-clusters", type=int, default=d.n_clusters, help="feature-space clusters (%(default)s)")
     p.add_argument("--plan-batch-size", type=int, default=d.plan_batch_size, help="curriculum batch (%(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
+    p.add_argument("--grpo-steps", type=int, default=d.grpo_steps, help="GRPO steps on the plan, 0 skips (%(default)s)")
+    p.add_argument("--grpo-batch-size", type=int, default=d.grpo_batch_size, help="prompts per step (%(default)s)")
+    p.add_argument("--grpo-generations", type=int, default=d.grpo_generations, help="completions per prompt")
+    p.add_argument("--grpo-learning-rate", type=float, default=d.grpo_learning_rate, help="(%(default)s)")
     p.set_defaults(run=lambda args: run_demo(_to_config(DemoConfig, args)))
 
 
@@ -191,6 +196,48 @@ def _run_train(args: argparse.Namespace) -> None:
     print(f"wrote {summary['out']} (metrics.jsonl, checkpoints/{', hf/' if 'hf' in summary else ''})")
 
 
+def _eval_parser(sub) -> None:
+    d = EvalJob
+    p = sub.add_parser(
+        "eval",
+        help="Avg@k and Pass@k of a Qwen2 model on local math benchmark files",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="""benchmarks:
+  --bench NAME=FILE         FILE (.jsonl/.json JSON lines, or .parquet) in the layout called NAME:
+                            gsm8k, math500, aime24, amc23, minervamath, olympiadbench
+  --bench NAME:LAYOUT=FILE  another name for a layout, e.g. --bench math500-hard:math500=hard.jsonl
+  --bench NAME=FILE --columns NAME:question=COL,answer=COL[,id=COL]
+                            any file, read through a column mapping (the jsonl layout)
+example:
+  saerl eval --model ckpt/hf --bench gsm8k=gsm8k/test.jsonl --bench aime24=aime.parquet --k 8 --out eval/""",
+    )
+    _add_config_option(p)
+    p.add_argument("--model", type=Path, help="local HF Qwen2 directory")
+    p.add_argument("--bench", action="append", help="NAME=FILE or NAME:LAYOUT=FILE, repeatable (see below)")
+    p.add_argument("--columns", action="append", default=[], help="NAME:question=COL,answer=COL[,id=COL], repeatable")
+    p.add_argument("--out", type=Path, help="output directory (results.json, results.md, samples/, benchmarks/)")
+    p.add_argument("--tokenizer", type=Path, help="tokenizer directory (default: --model)")
+    p.add_argument("--k", type=int, default=d.k, help="report Avg@k and Pass@1..Pass@k (%(default)s)")
+    p.add_argument("--n", type=int, help="samples per problem, n >= k; Pass@k uses all n (default: k)")
+    p.add_argument("--temperature", type=float, default=d.temperature, help="(%(default)s)")
+    p.add_argument("--top-p", type=float, default=d.top_p, help="(%(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="completion budget (%(default)s)")
+    p.add_argument("--greedy", action="store_true", help="one greedy completion per problem (k = n = 1)")
+    p.add_argument("--limit", type=int, help="first problems of each benchmark (default: all)")
+    p.add_argument("--seed", type=int, default=d.seed, help="sampling seed (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="completions per sampler call (%(default)s)")
+    p.add_argument("--reward-workers", type=int, default=d.reward_workers, help="grading processes (%(default)s)")
+
+    def run(args: argparse.Namespace) -> None:
+        try:
+            results = run_eval(_to_config(EvalJob, args))
+        except ValueError as err:  # bad options or benchmark files (errors name the file, row and field)
+            raise SystemExit(f"saerl eval: {err}") from None
+        print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'} ({len(results['benchmarks'])} benchmarks)")
+
+    p.set_defaults(run=run)
+
+
 def _to_config(cls, args: argparse.Namespace):
     """The command's dataclass from parsed options; a required option given nowhere is an error."""
     fields = dataclasses.fields(cls)
@@ -212,6 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     _engineer_parser(sub)
     _report_parser(sub)
     _train_parser(sub)
+    _eval_parser(sub)
     return parser
 
 

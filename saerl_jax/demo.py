@@ -1,9 +1,10 @@
 """``saerl demo``: the SAERL pipeline on the embedded tiny-math world (``assets/tiny-math``).
 
-Stages that exist run for real on the shipped model, tokenizer and SAE: SAE quality on the problem pool
-(reconstruction, sparsity, CE-loss recovered), the latents that tell topics apart, and the base model's
-greedy accuracy by topic and difficulty. Stages whose issues have not landed (feature store, data
-engineering, GRPO) are named in the report with a one-line note, never faked.
+Every stage runs for real on the shipped model, tokenizer and SAE: SAE quality on the problem pool
+(reconstruction, sparsity, CE-loss recovered) and the latents that tell topics apart, the feature store,
+data engineering with its probes and curriculum plan, the base model's greedy accuracy by topic and
+difficulty, and a short GRPO run on the plan with the held-out accuracy after it. Stages still to come
+are named in the report with a one-line note, never faked.
 """
 
 from __future__ import annotations
@@ -18,6 +19,9 @@ import numpy as np
 from tqdm.auto import tqdm
 
 import sae as sae_lib
+from rl.config import GRPOConfig
+from rl.metrics import read_metrics
+from rl.trainer import TrainJob, run_train
 from sae.activations import token_mask
 from sae.metrics import ce_loss_recovered, reconstruction_metrics
 from saerl_jax.data import format_example, load_tokenizer
@@ -29,7 +33,7 @@ from saerl_jax.model import forward, load_pretrained, pad_sequences
 from saerl_jax.sft import greedy_accuracy
 
 NOT_YET = {
-    "grpo": "GRPO / DAPO from the curriculum and evaluation after training: not yet (issues 7 and 8)",
+    "comparison": "vanilla GRPO vs the SAERL curriculum over seeds, ablations, Avg@k / Pass@k: not yet (issue 8)",
 }
 
 
@@ -59,6 +63,14 @@ class DemoConfig:
     """Problems per curriculum batch."""
     seed: int = 0
     """Seed of the problem sample."""
+    grpo_steps: int = 30
+    """GRPO steps on the curriculum plan (0 skips the stage)."""
+    grpo_batch_size: int = 8
+    """Prompts per GRPO step."""
+    grpo_generations: int = 4
+    """Completions per prompt."""
+    grpo_learning_rate: float = 2e-5
+    """AdamW learning rate of the GRPO run."""
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -178,6 +190,66 @@ def _probe_lines(engineering: dict) -> list[str]:
         f"difficulty monotonicity {plan['difficulty_monotonicity']:.3f}"
     )
     return lines
+
+
+def _grpo_stage(cfg: DemoConfig, model_dir: Path, data: Path, tokenizer, held_out: list[dict]) -> dict:
+    """A short GRPO run in the plan's order (resumed if the demo ran before), then held-out greedy accuracy."""
+    config = GRPOConfig(
+        batch_size=cfg.grpo_batch_size,
+        num_generations=cfg.grpo_generations,
+        max_prompt_length=128,
+        max_completion_length=64,
+        learning_rate=cfg.grpo_learning_rate,
+        max_steps=cfg.grpo_steps,
+        save_steps=cfg.grpo_steps,
+        seed=cfg.seed,
+    )
+    job = TrainJob(
+        model=model_dir,
+        tokenizer=cfg.assets / "tokenizer",
+        data=data,
+        out=cfg.out / "grpo",
+        config=config,
+        sampler="plan",
+        plan=cfg.out / "plan",
+        resume=True,
+        reward_workers=1,
+    )
+    trained = load_pretrained(run_train(job)["hf"])
+    accuracy, _ = greedy_accuracy(trained, tokenizer, held_out, batch_size=cfg.batch_size, progress=True)
+    rows = read_metrics(job.out)
+    return {
+        "path": str(job.out),
+        "steps": len(rows),
+        "config": config.to_dict(),
+        "accuracy_after": accuracy,
+        "reward": [row["reward_mean"] for row in rows],
+        "kl": [row["kl"] for row in rows],
+        "completion_length": [row["completion_length"] for row in rows],
+    }
+
+
+def _grpo_plot(out: Path, grpo: dict) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = np.arange(1, grpo["steps"] + 1)
+    reward = np.asarray(grpo["reward"])
+    smooth = np.convolve(reward, np.ones(5) / 5, mode="valid") if len(reward) >= 5 else reward
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    axes[0].plot(steps, reward, color="#bbbbbb", label="per step")
+    axes[0].plot(steps[len(steps) - len(smooth) :], smooth, color="#4472c4", label="5-step mean")
+    axes[0].set(xlabel="step", ylabel="mean reward", title="GRPO on the curriculum plan")
+    axes[0].legend(fontsize=8)
+    axes[1].plot(steps, grpo["kl"], color="#c0504d")
+    axes[1].set(xlabel="step", ylabel="KL to the initial policy (k3)", title="KL")
+    fig.tight_layout()
+    path = out / "grpo.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def _topic_latents(rows: list[dict], pooled_NF: np.ndarray, top: int = 3) -> dict[str, list[int]]:
@@ -304,12 +376,39 @@ def _report(summary: dict, by_topic: dict, by_difficulty: dict, plots: list[Path
         "",
         *(f"![{p.stem}]({p.name})" for p in plots),
         "",
+        *_grpo_lines(summary),
         "## Stages not run yet",
         "",
         *(f"- {note}" for note in NOT_YET.values()),
         "",
     ]
     return "\n".join(lines)
+
+
+def _grpo_lines(summary: dict) -> list[str]:
+    grpo = summary.get("grpo")
+    if grpo is None:
+        return []
+    c, reward = grpo["config"], grpo["reward"]
+    head = min(5, len(reward))
+    return [
+        "## GRPO on the curriculum plan (`saerl train --sampler plan`)",
+        "",
+        f"{grpo['steps']} steps of {c['batch_size']} prompts x {c['num_generations']} completions "
+        f"(at most {c['max_completion_length']} tokens), learning rate {c['learning_rate']}, beta {c['beta']}; "
+        f"run directory `{grpo['path']}`.",
+        "",
+        f"- mean reward: first {head} steps {np.mean(reward[:head]):.3f}, last {head} steps "
+        f"{np.mean(reward[-head:]):.3f}",
+        f"- held-out greedy accuracy: {summary['accuracy']:.3f} before, {grpo['accuracy_after']:.3f} after",
+        f"- KL to the initial policy at the end: {grpo['kl'][-1]:.5f}",
+        "",
+        "One short run on one seed: a smoke test of the loop, not evidence for or against the curriculum "
+        "(that comparison, over seeds, is issue 8).",
+        "",
+        "![grpo](grpo.png)",
+        "",
+    ]
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -331,13 +430,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     sample = [clean[i] for i in sorted(rng.choice(len(clean), min(cfg.problems, len(clean)), replace=False))]
     print(f"tiny-math: {len(pool)} pool problems ({len(pool) - len(clean)} noise), model {model_dir}, layer {layer}")
 
-    print(f"[1/4] SAE on {len(sample)} pool problems ...", flush=True)
+    print(f"[1/5] SAE on {len(sample)} pool problems ...", flush=True)
     metrics, pooled_NF, frequency_F = _sae_stage(model, sae, layer, tokenizer, sample, cfg.batch_size)
     print("      " + "  ".join(f"{k}={v:.3f}" for k, v in metrics.items() if k != "tokens"))
-    print("[2/4] feature store for the pool (saerl extract) ...", flush=True)
+    print("[2/5] feature store for the pool (saerl extract) ...", flush=True)
     features = _feature_stage(cfg, model_dir, sae_dir, pool)
     print(f"      {features['samples']} samples x {features['columns']} columns in {features['path']}")
-    print("[3/4] data engineering: quality filter, clusters, difficulty, curriculum plan, probes ...", flush=True)
+    print("[3/5] data engineering: quality filter, clusters, difficulty, curriculum plan, probes ...", flush=True)
     engineering = run_engineer(
         EngineerJob(
             store=Path(features["path"]),
@@ -351,10 +450,15 @@ def run_demo(cfg: DemoConfig) -> dict:
     )
     for line in _probe_lines(engineering):
         print("      " + line)
-    print(f"[4/4] greedy answers to {len(held_out)} held-out problems ...", flush=True)
+    print(f"[4/5] greedy answers to {len(held_out)} held-out problems ...", flush=True)
     accuracy, rewards = greedy_accuracy(model, tokenizer, held_out, batch_size=cfg.batch_size, progress=True)
     by_topic, by_difficulty = _accuracy_table(held_out, rewards)
     print(f"      accuracy {accuracy:.3f}")
+    grpo = None
+    if cfg.grpo_steps:
+        print(f"[5/5] GRPO for {cfg.grpo_steps} steps on the curriculum plan (saerl train) ...", flush=True)
+        grpo = _grpo_stage(cfg, model_dir, Path(features["data"]), tokenizer, held_out)
+        print(f"      held-out accuracy {accuracy:.3f} -> {grpo['accuracy_after']:.3f}")
     for note in NOT_YET.values():
         print(f"      skipped: {note}")
 
@@ -375,10 +479,13 @@ def run_demo(cfg: DemoConfig) -> dict:
         },
         "engineering_lines": _probe_lines(engineering),
         "clusters": engineering["clusters"][:8],
+        "grpo": grpo,
         "not_run": list(NOT_YET),
         "seconds": None,
     }
     plots = _plots(cfg.out, frequency_F, by_topic, by_difficulty, features)
+    if grpo is not None:
+        plots.append(_grpo_plot(cfg.out, grpo))
     summary["seconds"] = round(time.perf_counter() - started, 1)
     report = _report(summary, by_topic, by_difficulty, plots)
     atomic_write(cfg.out / "report.md", lambda tmp: Path(tmp).write_text(report))

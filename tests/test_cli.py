@@ -16,6 +16,7 @@ def test_demo_smoke_run_on_a_few_dozen_problems(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--problems", "24", "--eval-problems", "16", "--batch-size", "16"]
     argv += ["--feature-problems", "200", "--n-clusters", "4", "--plan-batch-size", "16"]
+    argv += ["--grpo-steps", "2", "--grpo-batch-size", "4", "--grpo-generations", "2"]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["layer"] == json.loads((ASSETS / "sae" / "cfg.json").read_text())["metadata"]["hook_layer"]
@@ -23,7 +24,15 @@ def test_demo_smoke_run_on_a_few_dozen_problems(tmp_path, capsys):
     assert 0.0 <= summary["sae"]["fvu"] < 1.0
     assert summary["sae"]["l0"] > 0
     assert 0.0 <= summary["accuracy"] <= 1.0
-    assert set(summary["not_run"]) == {"grpo"}
+    assert set(summary["not_run"]) == {"comparison"}
+    grpo = summary["grpo"]
+    assert grpo["steps"] == 2 and len(grpo["reward"]) == 2 and 0.0 <= grpo["accuracy_after"] <= 1.0
+    assert (out / "grpo" / "hf" / "model.safetensors").is_file()
+    plan_ids = {i for batch in json.loads((out / "plan" / "plan.json").read_text())["batches"] for i in batch}
+    trained_ids = [
+        i for line in (out / "grpo" / "batches.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]
+    ]
+    assert len(trained_ids) == 8 and set(trained_ids) <= plan_ids
     assert summary["features"]["samples"] == 200 and summary["features"]["columns"] == 4 * 240 + 5
     probes = summary["engineering"]["probes"]["sae"]
     assert probes["topic"]["accuracy"]["mean"] > probes["topic"]["majority_baseline"]
@@ -32,7 +41,8 @@ def test_demo_smoke_run_on_a_few_dozen_problems(tmp_path, capsys):
     report = (out / "report.md").read_text()
     assert "| ce_loss_recovered |" in report and "![accuracy](accuracy.png)" in report
     assert "topic probe accuracy: SAE" in report and "![plan](plan/plan.png)" in report
-    for name in ("accuracy.png", "latent_frequency.png", "features_pca.png", "plan/plan.png"):
+    assert "## GRPO on the curriculum plan" in report and "![grpo](grpo.png)" in report
+    for name in ("accuracy.png", "latent_frequency.png", "features_pca.png", "plan/plan.png", "grpo.png"):
         assert (out / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     printed = capsys.readouterr().out
     assert f"wrote {out / 'report.md'}" in printed and "skipped:" in printed

@@ -1,0 +1,134 @@
+"""Runs two jitted train steps of a small random Qwen2 on several meshes and saves what they produced.
+
+Run by ``tests/test_sharding.py`` in a fresh process with 8 host devices
+(``XLA_FLAGS=--xla_force_host_platform_device_count=8``)::
+
+    python tests/sharding_worker.py OUT.npz
+
+For each loss (grpo with a KL term, dapo with an older policy) and mesh, writes ``{loss}/{mesh}/loss``,
+``.../grad_norm``... (one value per step), ``{loss}/{mesh}/param/{path}`` (final params) and how ``q_proj``
+and the embedding are laid out after the steps; and ``{loss}/initial/{path}``.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import jax
+import numpy as np
+from flax import nnx
+
+from rl.config import DAPOConfig, GRPOConfig
+from rl.rollout import logprobs_fn
+from rl.sharding import batch_sharding, make_mesh, path_name, shard_batch, tree_shardings
+from rl.step import init_state, jit_train_step, make_optimizer
+from saerl_jax.model import Qwen2, Qwen2Config
+
+MESHES = {"1x1x1": (1, 1, 1), "8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x4x2": (1, 4, 2)}
+STEPS = 2
+PROMPTS, G, P, N = 4, 4, 8, 12
+WATCHED = ("layers/0/self_attn/q_proj/kernel", "embed_tokens/embedding")
+
+
+def make_config(loss_type: str) -> GRPOConfig:
+    common = dict(
+        batch_size=PROMPTS,
+        num_generations=G,
+        gradient_accumulation_steps=2,
+        max_prompt_length=P,
+        max_completion_length=N,
+        learning_rate=1e-4,
+        logprob_chunk=5,
+    )
+    if loss_type == "grpo":
+        return GRPOConfig(beta=0.04, **common)
+    return DAPOConfig(num_iterations=2, overlong_buffer_len=4, **common)
+
+
+def make_model(loss_type: str) -> Qwen2:
+    """Untied LM head for grpo, tied for dapo (the embedding then doubles as the head)."""
+    config = Qwen2Config(
+        vocab_size=256,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=loss_type == "dapo",
+    )
+    return Qwen2(config, rngs=nnx.Rngs(0))
+
+
+def make_batch(graphdef, params, cfg: GRPOConfig) -> dict[str, np.ndarray]:
+    """Left-padded prompts, ragged completions, mixed groups (one with equal rewards, one full-length row),
+    and perturbed reference / old-policy log-probs where the config uses them."""
+    rng = np.random.default_rng(0)
+    b = PROMPTS * G
+    prompt_lengths = np.repeat([8, 5, 3, 6], G)
+    prompt_mask_BP = (np.arange(P) >= P - prompt_lengths[:, None]).astype(np.int32)
+    prompt_ids_BP = rng.integers(1, 256, (b, P)).astype(np.int32) * prompt_mask_BP
+    lengths = rng.integers(1, N, b)
+    lengths[3] = N
+    loss_mask_BN = (np.arange(N) < lengths[:, None]).astype(np.int32)
+    completion_ids_BN = rng.integers(1, 256, (b, N)).astype(np.int32) * loss_mask_BN
+    rewards_B = rng.integers(0, 2, b).astype(np.float32)
+    rewards_B[:G] = 1.0
+    rewards_B[G : 2 * G] = [0, 1, 0, 0]
+    batch = {
+        "prompt_ids_BP": prompt_ids_BP,
+        "prompt_mask_BP": prompt_mask_BP,
+        "completion_ids_BN": completion_ids_BN,
+        "loss_mask_BN": loss_mask_BN,
+        "rewards_B": rewards_B,
+    }
+    args = (prompt_ids_BP, prompt_mask_BP, completion_ids_BN, loss_mask_BN)
+    logp_BN = np.asarray(logprobs_fn(graphdef, params, *args, temperature=cfg.temperature))
+    if cfg.beta > 0:
+        batch["ref_logp_BN"] = (logp_BN + 0.1 * rng.standard_normal(logp_BN.shape)).astype(np.float32)
+    if cfg.num_iterations > 1:  # an older policy, far enough for some ratios to clip
+        batch["old_logp_BN"] = (logp_BN + 0.3 * rng.standard_normal(logp_BN.shape)).astype(np.float32)
+    return batch
+
+
+def run(loss_type: str, name: str, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
+    cfg = make_config(loss_type)
+    graphdef, params = nnx.split(make_model(loss_type))
+    initial = {path_name(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    batch = make_batch(graphdef, params, cfg)
+    devices = jax.devices()[: int(np.prod(shape))]
+    mesh = make_mesh(*shape, devices=devices)
+    optimizer = make_optimizer(cfg)
+    state = init_state(params, optimizer)
+    shardings = tree_shardings(state, mesh)
+    state = jax.device_put(state, shardings)
+    step_fn = jit_train_step(graphdef, cfg, optimizer, state_shardings=shardings, batch_shardings=batch_sharding(mesh))
+    out: dict[str, np.ndarray] = {}
+    history: dict[str, list[float]] = {}
+    for _ in range(STEPS):
+        state, metrics = step_fn(state, shard_batch(batch, mesh))
+        for key, value in metrics.items():
+            history.setdefault(key, []).append(float(value))
+    out.update({f"{name}/{key}": np.array(values) for key, values in history.items()})
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
+        param = path_name(path)
+        out[f"{name}/param/{param}"] = np.asarray(leaf)
+        if param in WATCHED:
+            out[f"{name}/spec/{param}"] = np.array(str(leaf.sharding.spec))
+            out[f"{name}/shards/{param}"] = np.array([s.data.shape for s in leaf.addressable_shards])
+            out[f"{name}/devices/{param}"] = np.array(len(leaf.sharding.device_set))
+    out.update({f"initial/{param}": value for param, value in initial.items()})
+    return out
+
+
+def main(path: str) -> None:
+    if jax.device_count() != 8:
+        raise SystemExit(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), have {jax.devices()}")
+    out: dict[str, np.ndarray] = {}
+    for loss_type in ("grpo", "dapo"):
+        for name, shape in MESHES.items():
+            out.update({f"{loss_type}/{key}": value for key, value in run(loss_type, name, shape).items()})
+    np.savez(path, **out)
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
