@@ -35,7 +35,7 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 
 from rl.rewards import last_boxed
-from saerl_jax.data.problems import ProblemDataError, _jsonl_rows, _located, _parquet_rows, _RowError, _where
+from saerl_jax.data.problems import ProblemDataError, RowError, jsonl_rows, located, parquet_rows, row_where
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,28 +51,28 @@ class EvalProblem:
 
 
 def _field(raw: dict, *names: str) -> tuple[str, object]:
-    """``(column, value)`` of the first of ``names`` the row has, or a ``_RowError`` naming them."""
+    """``(column, value)`` of the first of ``names`` the row has, or a ``RowError`` naming them."""
     for name in names:
         if name in raw:
             if raw[name] is None:
-                raise _RowError(name, f"field {name!r} is null")
+                raise RowError(name, f"field {name!r} is null")
             return name, raw[name]
     shown = " or ".join(repr(n) for n in names)
-    raise _RowError(names[0], f"field {shown} is missing", missing_column=names[0])
+    raise RowError(names[0], f"field {shown} is missing", missing_column=names[0])
 
 
 def _text(raw: dict, *names: str) -> str:
     """A non-empty string (integers and finite numbers converted, ``27.0`` as ``27``) from the first of ``names``."""
     name, value = _field(raw, *names)
     if isinstance(value, bool) or not isinstance(value, str | int | float):
-        raise _RowError(name, f"field {name!r} must be a string or a number, got {type(value).__name__}")
+        raise RowError(name, f"field {name!r} must be a string or a number, got {type(value).__name__}")
     if isinstance(value, float):
         if not math.isfinite(value):
-            raise _RowError(name, f"field {name!r} must be finite, got {value!r}")
+            raise RowError(name, f"field {name!r} must be finite, got {value!r}")
         value = int(value) if value.is_integer() else value
     text = str(value).strip()
     if not text:
-        raise _RowError(name, f"field {name!r} is empty")
+        raise RowError(name, f"field {name!r} is empty")
     return text
 
 
@@ -88,10 +88,10 @@ Layout = Callable[[dict], tuple[str, str, str | None]]
 def _gsm8k(raw: dict) -> tuple[str, str, str | None]:
     solution = _text(raw, "answer")
     if "####" not in solution:
-        raise _RowError("answer", "field 'answer' has no '#### ' final answer")
+        raise RowError("answer", "field 'answer' has no '#### ' final answer")
     answer = solution.rsplit("####", 1)[1].strip().replace(",", "")
     if not answer:
-        raise _RowError("answer", "field 'answer' is empty after '####'")
+        raise RowError("answer", "field 'answer' is empty after '####'")
     return _text(raw, "question"), answer, _optional_id(raw, "id")
 
 
@@ -108,7 +108,7 @@ def _amc23(raw: dict) -> tuple[str, str, str | None]:
     try:
         float(answer)
     except ValueError:
-        raise _RowError("answer", f"field 'answer' must be a number, got {answer!r:.40}") from None
+        raise RowError("answer", f"field 'answer' must be a number, got {answer!r:.40}") from None
     return _text(raw, "question"), answer, _optional_id(raw, "id")
 
 
@@ -119,7 +119,7 @@ def _minervamath(raw: dict) -> tuple[str, str, str | None]:
     else:
         boxed = last_boxed(_text(raw, "solution", "answer"))
         if not boxed or not boxed.strip():
-            raise _RowError("solution", "field 'solution' has no \\boxed{} answer (and there is no 'answer')")
+            raise RowError("solution", "field 'solution' has no \\boxed{} answer (and there is no 'answer')")
         answer = boxed.strip()
     return question, answer, _optional_id(raw, "idx", "id")
 
@@ -129,10 +129,10 @@ def _olympiadbench(raw: dict) -> tuple[str, str, str | None]:
     if isinstance(answers, str):
         answers = [answers]
     if not isinstance(answers, list) or not answers or not all(isinstance(a, str) for a in answers):
-        raise _RowError(name, f"field 'final_answer' must be a non-empty list of strings, got {answers!r:.60}")
+        raise RowError(name, f"field 'final_answer' must be a non-empty list of strings, got {answers!r:.60}")
     parts = [a.strip().strip("$").strip() for a in answers]
     if not all(parts):
-        raise _RowError(name, "field 'final_answer' holds an empty answer")
+        raise RowError(name, "field 'final_answer' holds an empty answer")
     return _text(raw, "question"), ", ".join(parts), _optional_id(raw, "id")
 
 
@@ -142,7 +142,7 @@ def _generic(raw: dict, columns: Mapping[str, str]) -> tuple[str, str, str | Non
 
 
 def _rows(path: Path, wanted: Iterable[str], available: dict[str, None]):
-    """``(row number, raw row or _RowError)``: JSON lines or parquet (only the ``wanted`` columns read).
+    """``(row number, raw row or RowError)``: JSON lines or parquet (only the ``wanted`` columns read).
 
     ``available`` receives the parquet file's columns.
     """
@@ -150,9 +150,9 @@ def _rows(path: Path, wanted: Iterable[str], available: dict[str, None]):
         raise ProblemDataError(f"{path}: no such file")
     suffix = path.suffix.lower()
     if suffix in (".jsonl", ".json"):
-        return _jsonl_rows(path, {})
+        return jsonl_rows(path, {})
     if suffix == ".parquet":  # keys are not schema fields here, so no column is required up front
-        return _parquet_rows(path, {f"_{c}": c for c in wanted}, set(), available)
+        return parquet_rows(path, {f"_{c}": c for c in wanted}, set(), available)
     raise ProblemDataError(f"{path}: unsupported file type {suffix!r} (expected .parquet, .jsonl or .json)")
 
 
@@ -174,18 +174,18 @@ def _load(path: str | os.PathLike, layout: Layout, wanted: Iterable[str], limit:
     rows = _rows(path, wanted, available)
     for position, (row, raw) in enumerate(rows):
         try:
-            if isinstance(raw, _RowError):
+            if isinstance(raw, RowError):
                 raise raw
             question, answer, ident = layout(raw)
             ident = str(position) if ident is None else ident
             if ident in first_row:
-                raise _RowError("id", f"duplicate id {ident!r} (first at {_where(path, first_row[ident])})")
-        except _RowError as err:
+                raise RowError("id", f"duplicate id {ident!r} (first at {row_where(path, first_row[ident])})")
+        except RowError as err:
             reason = err.reason
             if err.missing_column is not None:  # a parquet row holds only the columns read: name all of them
                 columns = available if path.suffix.lower() == ".parquet" else raw
                 reason += f" (columns: {', '.join(columns) or 'none'})"
-            raise ProblemDataError(_located(path, row, reason)) from None
+            raise ProblemDataError(located(path, row, reason)) from None
         first_row[ident] = row
         problems.append(EvalProblem(ident, question, answer))
         if limit is not None and len(problems) >= limit:

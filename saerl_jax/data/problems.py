@@ -86,7 +86,7 @@ class LoadResult:
         """One line: ``loaded N problems from FILE, skipped M rows (line 3: field 'question' is empty; ...)``."""
         text = f"loaded {len(self.problems)} problems from {self.path}, skipped {len(self.skipped)} rows"
         if self.skipped:
-            listed = [f"{_where(self.path, s.row)}: {s.reason}" for s in self.skipped[:max_listed]]
+            listed = [f"{row_where(self.path, s.row)}: {s.reason}" for s in self.skipped[:max_listed]]
             if len(self.skipped) > max_listed:
                 listed.append(f"and {len(self.skipped) - max_listed} more")
             text += f" ({'; '.join(listed)})"
@@ -100,17 +100,21 @@ def content_id(question: str, final_answer: str) -> str:
     return hashlib.sha1(f"{question}\x00{final_answer}".encode()).hexdigest()[:16]
 
 
-class _RowError(Exception):
+class RowError(Exception):
+    """One row's problem, before the file and row are known to the message (see :func:`located`)."""
+
     def __init__(self, field: str | None, reason: str, missing_column: str | None = None):
         super().__init__(reason)
         self.field, self.reason, self.missing_column = field, reason, missing_column
 
 
-def _where(path: Path, row: int) -> str:
+def row_where(path: Path, row: int) -> str:
+    """How a row is named in messages: a parquet row index or a JSON-lines line number."""
     return f"row index {row}" if path.suffix.lower() == ".parquet" else f"line {row}"
 
 
-def _located(path: Path, row: int, reason: str) -> str:
+def located(path: Path, row: int, reason: str) -> str:
+    """``reason`` prefixed with the file and row, the way every data error names its place."""
     if path.suffix.lower() == ".parquet":
         return f"{path}: row index {row}: {reason}"
     return f"{path}:{row}: {reason}"
@@ -139,24 +143,24 @@ def _is_number(value: object) -> bool:
 
 
 def _check(field: str, value: object) -> str | float | None:
-    """The schema value of ``field``, or raises ``_RowError``; ``None`` means absent (optional fields only)."""
+    """The schema value of ``field``, or raises ``RowError``; ``None`` means absent (optional fields only)."""
     if value is None:
         if field in _NOT_NULL:
-            raise _RowError(field, f"field {field!r} is null")
+            raise RowError(field, f"field {field!r} is null")
         return None
     if field == "difficulty" or (field == "final_answer" and _is_number(value)):
         if not _is_number(value):
-            raise _RowError(field, f"field {field!r} must be a number, got {_describe(value)}")
+            raise RowError(field, f"field {field!r} must be a number, got {_describe(value)}")
         if not math.isfinite(value):
-            raise _RowError(field, f"field {field!r} must be finite, got {value!r}")
+            raise RowError(field, f"field {field!r} must be finite, got {value!r}")
         return float(value) if field == "difficulty" else str(value)
     if field == "id" and isinstance(value, int) and not isinstance(value, bool):
         return str(value)
     if not isinstance(value, str):
         expected = {"id": "a string or an integer", "final_answer": "a string or a number"}.get(field, "a string")
-        raise _RowError(field, f"field {field!r} must be {expected}, got {_describe(value)}")
+        raise RowError(field, f"field {field!r} must be {expected}, got {_describe(value)}")
     if field in _NOT_NULL and not value.strip():
-        raise _RowError(field, f"field {field!r} is empty")
+        raise RowError(field, f"field {field!r} is empty")
     return value
 
 
@@ -171,7 +175,7 @@ def _parse(raw: dict, mapping: dict[str, str], explicit_id: bool, repeats: dict[
             values[field] = _check(field, raw[column])
         elif field in _REQUIRED or (field == "id" and explicit_id):
             named = "" if column == field else f" (column {column!r})"
-            raise _RowError(field, f"field {field!r} is missing{named}", missing_column=column)
+            raise RowError(field, f"field {field!r} is missing{named}", missing_column=column)
         else:
             values[field] = None
     if values["id"] is None:
@@ -181,7 +185,7 @@ def _parse(raw: dict, mapping: dict[str, str], explicit_id: bool, repeats: dict[
     return values
 
 
-def _jsonl_rows(path: Path, available: dict[str, None]) -> Iterator[tuple[int, dict | _RowError]]:
+def jsonl_rows(path: Path, available: dict[str, None]) -> Iterator[tuple[int, dict | RowError]]:
     """``(line number, object or error)`` per non-blank line; adds every key seen to ``available``."""
     try:
         with open(path, "rb") as f:
@@ -191,10 +195,10 @@ def _jsonl_rows(path: Path, available: dict[str, None]) -> Iterator[tuple[int, d
                 try:
                     raw = json.loads(line)
                 except ValueError as e:  # JSONDecodeError and UnicodeDecodeError
-                    yield line_number, _RowError(None, f"invalid JSON ({e})")
+                    yield line_number, RowError(None, f"invalid JSON ({e})")
                     continue
                 if not isinstance(raw, dict):
-                    yield line_number, _RowError(None, f"expected a JSON object, got {type(raw).__name__}")
+                    yield line_number, RowError(None, f"expected a JSON object, got {type(raw).__name__}")
                     continue
                 available.update(dict.fromkeys(raw))
                 yield line_number, raw
@@ -202,7 +206,7 @@ def _jsonl_rows(path: Path, available: dict[str, None]) -> Iterator[tuple[int, d
         raise ProblemDataError(f"{path}: cannot read ({e})") from None
 
 
-def _parquet_rows(
+def parquet_rows(
     path: Path, mapping: dict[str, str], explicit: set[str], available: dict[str, None]
 ) -> Iterator[tuple[int, dict]]:
     """``(row index, row)`` per parquet row, read in batches of the mapped columns; fills ``available``."""
@@ -265,9 +269,9 @@ def load_problems(
     suffix = path.suffix.lower()
     available: dict[str, None] = {}
     if suffix == ".parquet":
-        rows = _parquet_rows(path, mapping, explicit, available)
+        rows = parquet_rows(path, mapping, explicit, available)
     elif suffix in _JSON_LINES:
-        rows = _jsonl_rows(path, available)
+        rows = jsonl_rows(path, available)
     else:
         raise ProblemDataError(f"{path}: unsupported file type {suffix!r} (expected .parquet, .jsonl or .json)")
 
@@ -276,19 +280,19 @@ def load_problems(
     for row, raw in rows:
         read_any = True
         try:
-            if isinstance(raw, _RowError):
+            if isinstance(raw, RowError):
                 raise raw
             values = _parse(raw, mapping, "id" in explicit, repeats)
             if values["id"] in first_row:
-                first = _where(path, first_row[values["id"]])
-                raise _RowError("id", f"duplicate id {values['id']!r} in field 'id' (first at {first})")
-        except _RowError as err:
+                first = row_where(path, first_row[values["id"]])
+                raise RowError("id", f"duplicate id {values['id']!r} in field 'id' (first at {first})")
+        except RowError as err:
             if not skip_invalid and err.missing_column is not None and err.missing_column not in available:
                 raise ProblemDataError(
                     _column_error(path, err.field, err.missing_column, available, f":{row}")
                 ) from None
             if not skip_invalid:
-                raise ProblemDataError(_located(path, row, err.reason)) from None
+                raise ProblemDataError(located(path, row, err.reason)) from None
             skipped.append(SkippedRow(row, err.field, err.reason))
             continue
         first_row[values["id"]] = row

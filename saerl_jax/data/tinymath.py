@@ -25,6 +25,10 @@ from saerl_jax.data.prompt import SYSTEM_PROMPT, render_prompt
 DEFAULT_DIR = Path(__file__).resolve().parents[2] / "assets" / "tiny-math"
 """The shipped tiny-math world (problems.jsonl, eval.jsonl, tokenizer/, model/, sae/)."""
 CLEAN_SOURCE = "tinymath"
+SFT_SEED = 2
+"""Generator seed of the supervised fine-tuning problems (no noise), apart from the shipped pool's."""
+SFT_ID_OFFSET = 2_000_000
+"""First id number of the SFT problems, so their ids never collide with the pool's or eval's."""
 NOISE_KINDS = ("wrong_answer", "garbled", "non_math", "duplicate", "truncated")
 TOPICS = {
     "addition": "Mathematics -> Arithmetic -> Addition",

@@ -181,8 +181,19 @@ class RMSNorm(nnx.Module):
         return self.weight[...] * x32.astype(x_BTD.dtype)
 
 
-def _linear(cfg: Qwen2Config, d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> nnx.Linear:
-    return nnx.Linear(
+class Linear(nnx.Linear):
+    """``nnx.Linear`` applied to its input flattened to ``[N, d_in]``.
+
+    The same product; but the kernel gradient then contracts one axis instead of (B, T), which XLA:CPU
+    runs about 1.8x faster (the MLP's backward pass at B=32, T=112 on two cores: 83 -> 46 ms).
+    """
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
+
+
+def _linear(cfg: Qwen2Config, d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> Linear:
+    return Linear(
         d_in,
         d_out,
         use_bias=bias,
