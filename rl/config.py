@@ -93,6 +93,9 @@ class GRPOConfig:
     logprob_chunk: int = 64
     """Completion positions per chunk when turning hidden states into log-probs (bounds the
     ``[B, chunk, V]`` logits held at once)."""
+    remat: bool = False
+    """Recompute each decoder block in the backward pass (activation memory about one block instead of
+    all of them, for about a third more compute)."""
     seed: int = 0
     """Seeds sampling; the data order has its own seed in the sampler."""
 
@@ -151,6 +154,7 @@ class DAPOConfig(GRPOConfig):
     beta: float = 0.0
     epsilon_high: float | None = 0.28
     dynamic_sampling: bool = True
+    max_num_gen_batches: int = 10
     overlong_buffer_len: int = 16
     overlong_penalty_factor: float = 1.0
 

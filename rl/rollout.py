@@ -133,11 +133,13 @@ def completion_logprobs(
     *,
     temperature: float,
     chunk: int = 64,
+    remat: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token log-probs and entropies of completions under ``model`` at ``temperature``.
 
     One forward over ``[B, P + N]``, then the LM head and log-softmax over ``chunk`` positions at a time
     under ``jax.checkpoint``: the largest float32 logits held, forward or backward, are ``[B, chunk, V]``.
+    ``remat`` recomputes each decoder block in the backward pass instead of keeping its activations.
 
     Returns:
       ``(logp_BN, entropy_BN)``; values off the completion mask are meaningless (mask them).
@@ -147,7 +149,7 @@ def completion_logprobs(
     ids_BT = jnp.concatenate([prompt_ids_BP, completion_ids_BN], axis=1)
     mask_BT = jnp.concatenate([prompt_mask_BP, completion_mask_BN], axis=1).astype(jnp.int32)
     slots_BT = jnp.broadcast_to(jnp.arange(p + n), (b, p + n))
-    x_BTD, _ = model.hidden_states(ids_BT, positions_from_mask(mask_BT), causal_mask(mask_BT, slots_BT))
+    x_BTD, _ = model.hidden_states(ids_BT, positions_from_mask(mask_BT), causal_mask(mask_BT, slots_BT), remat=remat)
     x_BND = model.norm(x_BTD[:, p - 1 : p + n - 1])
     chunk = min(chunk, n)
     padded = -(-n // chunk) * chunk

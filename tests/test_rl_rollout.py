@@ -136,3 +136,28 @@ def test_row_keys_depend_on_sample_and_generation_not_position():
     assert len({tuple(k) for k in a.tolist()}) == 4
     c = jax.random.key_data(row_keys(3, 8, ["x", "y"], 2))
     assert (a != c).any()
+
+
+def test_remat_gives_the_same_gradient_and_recomputes_blocks(model):
+    graphdef, params = nnx.split(model)
+    prompt_ids, prompt_mask = padded_batch([4, 6], 6, VOCAB, side="left", seed=5)
+    completion = jnp.asarray(np.random.default_rng(6).integers(1, VOCAB, (2, 5)))
+
+    def total(params, remat):
+        logp, _ = completion_logprobs(
+            nnx.merge(graphdef, params),
+            jnp.asarray(prompt_ids),
+            jnp.asarray(prompt_mask),
+            completion,
+            jnp.ones((2, 5), jnp.int32),
+            temperature=1.0,
+            remat=remat,
+        )
+        return logp.sum()
+
+    plain = jax.grad(total)(params, False)
+    recomputed = jax.grad(total)(params, True)
+    for a, b in zip(jax.tree.leaves(plain), jax.tree.leaves(recomputed), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5)
+    text = str(jax.make_jaxpr(lambda p: jax.grad(total)(p, True))(params))
+    assert text.count("checkpoint") + text.count("remat") >= model.config.num_hidden_layers

@@ -287,6 +287,10 @@ class Qwen2DecoderLayer(nnx.Module):
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), cache
 
 
+def _block_output(layer: Qwen2DecoderLayer, x_BTD, cos_sin, mask_BTS) -> jax.Array:
+    return layer(x_BTD, cos_sin, mask_BTS)[0]
+
+
 class Qwen2(nnx.Module):
     """``Qwen2ForCausalLM``: token embedding, decoder blocks, final RMSNorm and LM head."""
 
@@ -358,6 +362,7 @@ class Qwen2(nnx.Module):
         num_layers: int | None = None,
         cache: tuple[LayerCache, ...] | None = None,
         cache_index: jax.Array | int = 0,
+        remat: bool = False,
     ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
         """Residual stream after ``num_layers`` blocks (all by default), and the updated cache."""
         return self.run_layers(
@@ -367,6 +372,7 @@ class Qwen2(nnx.Module):
             stop=num_layers,
             cache=cache,
             cache_index=cache_index,
+            remat=remat,
         )
 
     def run_layers(
@@ -379,15 +385,20 @@ class Qwen2(nnx.Module):
         stop: int | None = None,
         cache: tuple[LayerCache, ...] | None = None,
         cache_index: jax.Array | int = 0,
+        remat: bool = False,
     ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
         """Runs blocks ``start .. stop`` on a residual stream (e.g. one with an SAE reconstruction spliced in).
 
-        With a cache, ``cache[i]`` belongs to block i and the returned cache has the same length.
+        With a cache, ``cache[i]`` belongs to block i and the returned cache has the same length. With
+        ``remat`` (and no cache), a gradient keeps only each block's input and recomputes the rest.
         """
         stop = self.config.num_hidden_layers if stop is None else stop
         cos_sin = rotary_cos_sin(positions_BT, self.config.head_dim, self.config.rope_theta, self.dtype)
         new_cache = None if cache is None else list(cache)
         for i in range(start, stop):
+            if remat and cache is None:
+                x_BTD = nnx.remat(_block_output)(self.layers[i], x_BTD, cos_sin, mask_BTS)
+                continue
             x_BTD, layer_cache = self.layers[i](
                 x_BTD, cos_sin, mask_BTS, None if cache is None else cache[i], cache_index
             )
