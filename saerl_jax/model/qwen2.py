@@ -247,14 +247,16 @@ class Qwen2Attention(nnx.Module):
             # batched-dot form as B*K tiny library calls; this fuses into one loop (about 3x faster
             # at 1,024 cache slots on two cores) and computes the same sums.
             scores_BKGTS = jnp.sum(q_BKGTH[:, :, :, :, None, :] * k_BKSH[:, :, None, None, :, :], axis=-1)
-        else:
-            scores_BKGTS = jnp.einsum("bkgth,bksh->bkgts", q_BKGTH, k_BKSH)
+        else:  # the G query heads of a K/V head as one matrix: plain batched matmuls, fwd and bwd faster on CPU
+            scores_BKQS = jnp.einsum("bkqh,bksh->bkqs", q_BKGTH.reshape(b, k_heads, g * t, h), k_BKSH)
+            scores_BKGTS = scores_BKQS.reshape(b, k_heads, g, t, -1)
         scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS.astype(jnp.float32) * h**-0.5, _MASK_VALUE)
         probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
         if t == 1:
             out_BKGTH = jnp.sum(probs_BKGTS[..., None] * v_BKSH[:, :, None, None, :, :], axis=-2)
         else:
-            out_BKGTH = jnp.einsum("bkgts,bksh->bkgth", probs_BKGTS, v_BKSH)
+            probs_BKQS = probs_BKGTS.reshape(b, k_heads, g * t, -1)
+            out_BKGTH = jnp.einsum("bkqs,bksh->bkqh", probs_BKQS, v_BKSH).reshape(b, k_heads, g, t, h)
         out_BTKGH = out_BKGTH.transpose(0, 3, 1, 2, 4)
         return self.o_proj(out_BTKGH.reshape(b, t, self.num_heads * h)), cache
 
