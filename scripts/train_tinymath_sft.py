@@ -26,9 +26,6 @@ from saerl_jax.data import load_tokenizer, tinymath
 from saerl_jax.io import atomic_write
 from saerl_jax.model import Qwen2, Qwen2Config, save_pretrained
 
-SFT_SEED = 2
-SFT_ID_OFFSET = 2_000_000
-
 
 def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
@@ -62,7 +59,7 @@ def main(argv=None) -> None:
 
     tokenizer = load_tokenizer(args.assets / "tokenizer")
     held_out = read_jsonl(args.assets / "eval.jsonl")
-    rows = tinymath.generate(args.n_sft, seed=SFT_SEED, noise_fraction=0.0, id_offset=SFT_ID_OFFSET)
+    rows = tinymath.generate(args.n_sft, seed=tinymath.SFT_SEED, noise_fraction=0.0, id_offset=tinymath.SFT_ID_OFFSET)
     cfg = sft.SFTConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
     data = sft.tokenize_sft(tokenizer, rows, cfg.seq_len)
     config = Qwen2Config(

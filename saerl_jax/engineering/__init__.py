@@ -6,7 +6,7 @@ from saerl_jax.engineering.diversity import Diversity, batch_diversity
 from saerl_jax.engineering.planner import CurriculumPlanner, Plan
 from saerl_jax.engineering.probes import probe_report
 from saerl_jax.engineering.quality import QualityFilter
-from saerl_jax.engineering.run import EngineerJob, run_engineer
+from saerl_jax.engineering.run import EngineerJob, probe_store, run_engineer
 
 __all__ = [
     "CurriculumPlanner",
@@ -17,5 +17,6 @@ __all__ = [
     "QualityFilter",
     "batch_diversity",
     "probe_report",
+    "probe_store",
     "run_engineer",
 ]

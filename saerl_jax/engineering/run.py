@@ -189,6 +189,13 @@ def _dense_features(job: EngineerJob, ids: list[str]) -> np.ndarray:
     return dense.features[[row[i] for i in ids], : -len(METADATA_COLUMNS)]
 
 
+def probe_store(job: EngineerJob) -> dict:
+    """The probe table of ``job.store`` (SAE codes, metadata only, and ``job.dense_store`` when given) without
+    building a plan: ``{feature_set: {probe: result}}`` as in ``report.json``'s ``probes``."""
+    store = load_store(job.store)
+    return _probes(job, store.features, _labels(job, store.ids), len(METADATA_COLUMNS), store.ids)
+
+
 def _probes(job: EngineerJob, X, labels, n_meta, ids: list[str]) -> dict:
     """Topic and difficulty probes on clean rows, the noise probe on all, for SAE codes, dense states (with
     ``dense_store``) and metadata only."""

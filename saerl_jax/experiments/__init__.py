@@ -1,0 +1,38 @@
+"""Experiments that re-run the SAERL paper's comparisons on equal budgets over seeds: samplers, ablations,
+cross-model transfer and feature probes (``scripts/compare_samplers.py``, ``ablate.py``, ``transfer.py``,
+``probes.py``)."""
+
+from saerl_jax.experiments.ablate import SWEEP, AblateConfig, run_ablate
+from saerl_jax.experiments.aggregate import aggregate, aggregate_arm, mean_curve, spread, steps_to_target
+from saerl_jax.experiments.compare import ARMS, CompareConfig, run_compare
+from saerl_jax.experiments.config import StudyConfig
+from saerl_jax.experiments.inputs import Sources
+from saerl_jax.experiments.probe_table import ProbesConfig, run_probes
+from saerl_jax.experiments.runs import Arm, Budget, Experiment, run_arm, run_arms
+from saerl_jax.experiments.transfer import SmallModel, TransferConfig, run_transfer
+
+__all__ = [
+    "ARMS",
+    "SWEEP",
+    "AblateConfig",
+    "Arm",
+    "Budget",
+    "CompareConfig",
+    "Experiment",
+    "ProbesConfig",
+    "SmallModel",
+    "Sources",
+    "StudyConfig",
+    "TransferConfig",
+    "aggregate",
+    "aggregate_arm",
+    "mean_curve",
+    "run_ablate",
+    "run_arm",
+    "run_arms",
+    "run_compare",
+    "run_probes",
+    "run_transfer",
+    "spread",
+    "steps_to_target",
+]

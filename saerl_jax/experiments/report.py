@@ -1,0 +1,124 @@
+"""Writing an experiment's results: ``results.json``, ``results.md`` and PNG plots, each atomically, each
+path printed."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from saerl_jax.io import atomic_write
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}"
+
+
+def spread_cell(s: Mapping, percent: bool = True) -> str:
+    """``mean ± std [min, max]`` of a :func:`~saerl_jax.experiments.aggregate.spread` (in percent)."""
+    if s["mean"] is None:
+        return "n/a"
+    show = _pct if percent else (lambda v: f"{v:.3g}")
+    if s["n"] == 1:
+        return show(s["mean"])
+    return f"{show(s['mean'])} ± {show(s['std'])} [{show(s['min'])}, {show(s['max'])}]"
+
+
+def _steps_cell(s: Mapping) -> str:
+    per_seed = ", ".join("—" if v is None else str(v) for v in s["per_seed"])
+    if not s["reached"]:
+        return f"not reached ({per_seed})"
+    return f"{s['mean']:.0f} ({s['reached']}/{len(s['per_seed'])} seeds: {per_seed})"
+
+
+def arms_table(summary: Mapping) -> str:
+    """Markdown: a row per arm (base first) with final greedy accuracy, Avg@k, Pass@k, steps to target and
+    seconds per step, each over seeds as mean ± std [min, max]."""
+    k = summary["budget"]["k"]
+    heads = ["arm", "seeds", "final greedy acc. %", f"Avg@{k} %", f"Pass@{k} %", "steps to target", "s / step"]
+    lines = ["| " + " | ".join(heads) + " |", "|---|---|" + "---:|" * (len(heads) - 2)]
+    for arm, agg in summary["aggregate"].items():
+        steps = "(step 0)" if arm == "base" else _steps_cell(agg["steps_to_target"])
+        pass_k = agg["pass_at_k"].get(str(k))
+        cells = [
+            arm,
+            str(len(agg["seeds"])),
+            spread_cell(agg["final_accuracy"]),
+            spread_cell(agg["avg_at_k"]),
+            spread_cell(pass_k) if pass_k else "n/a",
+            steps,
+            "" if agg["step_s"]["mean"] is None else f"{agg['step_s']['mean']:.2f}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plans_table(plans: Mapping[str, Mapping]) -> str:
+    """Markdown: a row per plan with its :meth:`~saerl_jax.engineering.planner.Plan.summary` numbers."""
+    keys = ("n_batches", "n_samples", "mean_distinct_clusters", "mean_cluster_entropy", "mean_diversity")
+    keys += ("difficulty_monotonicity",)
+    lines = ["| plan | " + " | ".join(k.replace("_", " ") for k in keys) + " |", "|---|" + "---:|" * len(keys)]
+    for name, summary in plans.items():
+        cells = ["n/a" if summary.get(k) is None else f"{summary[k]:.4g}" for k in keys]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def budget_line(summary: Mapping) -> str:
+    """One sentence with the shared GRPO budget and evaluation settings."""
+    b = summary["budget"]
+    return (
+        f"Every arm: {b['steps']} GRPO steps of {b['batch_size']} prompts x {b['num_generations']} completions "
+        f"(at most {b['max_completion_length']} tokens), learning rate {b['learning_rate']}, beta {b['beta']}; "
+        f"held-out greedy accuracy on {b['eval_limit']} problems every {b['eval_steps'] or b['steps']} steps "
+        f"(step 0 = the base model); final Avg@{b['k']} at temperature {b['temperature']} on the same problems. "
+        f"Seeds {', '.join(map(str, summary['seeds']))}; target accuracy {_pct(summary['target'])}% "
+        f"(base {_pct(summary['base_accuracy'])}%)."
+    )
+
+
+SEED_NOTE = (
+    "A GRPO seed varies the rollout sampling, the order of shuffled (vanilla) arms and the Avg@k sampling; "
+    "plans are built once by the engineer with its own seed and are the same for every GRPO seed."
+)
+
+
+def plot_curves(path: Path, summary: Mapping, title: str) -> None:
+    """Held-out greedy accuracy vs step per arm: the seed mean with a min-max band, and the target."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.2))
+    for arm, agg in summary["aggregate"].items():
+        if arm == "base":
+            continue
+        steps = [c["step"] for c in agg["curve"]]
+        line = ax.plot(steps, [100 * c["mean"] for c in agg["curve"]], marker="o", ms=3, label=arm)[0]
+        low, high = [100 * c["min"] for c in agg["curve"]], [100 * c["max"] for c in agg["curve"]]
+        ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
+    ax.axhline(100 * summary["target"], color="#888888", ls="--", lw=1, label="target")
+    ax.set(xlabel="GRPO step", ylabel="held-out greedy accuracy (%)", title=title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110, format="png")
+    plt.close(fig)
+
+
+def write_results(
+    out: Path, summary: Mapping, markdown: str, plots: Mapping[str, Callable[[Path], None]] | None = None
+) -> list[Path]:
+    """Writes ``out/results.json``, ``out/results.md`` and each ``out/NAME`` by ``plots[NAME](path)``;
+    prints and returns the paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    text = json.dumps(summary, indent=1, default=str) + "\n"
+    paths = [
+        atomic_write(out / "results.json", lambda tmp: Path(tmp).write_text(text)),
+        atomic_write(out / "results.md", lambda tmp: Path(tmp).write_text(markdown)),
+    ]
+    for name, draw in (plots or {}).items():
+        paths.append(atomic_write(out / name, lambda tmp, draw=draw: draw(Path(tmp))))
+    for path in paths:
+        print(f"wrote {path}")
+    return paths
