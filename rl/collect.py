@@ -181,6 +181,15 @@ def collect(
     )
 
 
+def loss_mask(rollout: Rollout, mask_truncated_completions: bool) -> np.ndarray:
+    """The tokens the loss sees, ``[B, N]`` int32: the completion mask, with completions that hit the
+    budget without an EOS zeroed when ``mask_truncated_completions`` (DAPO's overlong filtering)."""
+    mask_BN = rollout.completion_mask_BN.astype(np.int32)
+    if mask_truncated_completions:
+        mask_BN = mask_BN * ~rollout.truncated_B[:, None]
+    return mask_BN
+
+
 def _concat(rollouts: list[Rollout]) -> Rollout:
     """Rows of several rollouts in one; prompts are left-padded to the widest."""
     width = max(r.prompt_ids_BP.shape[1] for r in rollouts)

@@ -26,7 +26,7 @@ from grain import python as grain
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from rl.collect import GradedBatch, PromptQueue, collect, shaped_rewards
+from rl.collect import GradedBatch, PromptQueue, collect, loss_mask, shaped_rewards
 from rl.config import GRPOConfig, config_from_dict
 from rl.metrics import MetricsLog
 from rl.rewards import RewardGrader, format_reward
@@ -250,12 +250,11 @@ class Trainer:
 
     def _batch(self, graded: GradedBatch) -> dict[str, jax.Array]:
         r = graded.rollout
-        loss_mask_BN = r.completion_mask_BN * (~r.truncated_B[:, None] if self.cfg.mask_truncated_completions else 1)
         host = {
             "prompt_ids_BP": r.prompt_ids_BP,
             "prompt_mask_BP": r.prompt_mask_BP,
             "completion_ids_BN": r.completion_ids_BN,
-            "loss_mask_BN": loss_mask_BN.astype(np.int32),
+            "loss_mask_BN": loss_mask(r, self.cfg.mask_truncated_completions),
             "rewards_B": graded.rewards_B,
         }
         batch = shard_batch(host, self.mesh)

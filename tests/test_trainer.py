@@ -17,7 +17,7 @@ from conftest import save_hf_qwen2
 from flax import nnx
 from safetensors.numpy import load_file
 
-from rl.collect import NoSignalError, PromptQueue, collect
+from rl.collect import NoSignalError, PromptQueue, collect, loss_mask
 from rl.config import DAPOConfig, GRPOConfig, config_from_dict
 from rl.metrics import read_metrics
 from rl.rollout import Rollout
@@ -255,3 +255,31 @@ def test_dynamic_sampling_drops_flat_groups_and_refills():
             lambda t: [""] * len(t),
             lambda c, a, r: (np.zeros(len(c)), np.zeros(len(c))),
         )
+
+
+def test_loss_mask_drops_truncated_completions_only_when_asked():
+    mask = np.array([[1, 1, 0], [1, 1, 1], [1, 1, 1]], np.int32)
+    rollout = Rollout(*(np.zeros((3, 1)),) * 3, mask, np.zeros((3, 3)), np.array([False, True, False]))
+    np.testing.assert_array_equal(loss_mask(rollout, False), mask)
+    np.testing.assert_array_equal(loss_mask(rollout, True), [[1, 1, 0], [0, 0, 0], [1, 1, 1]])
+
+
+def test_saerl_train_command_runs_resumes_and_documents_every_option(tiny_model, tmp_path, capsys):
+    from rl.config import field_docs
+    from saerl_jax.cli import build_parser, main
+
+    help_text = build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    for name in field_docs(DAPOConfig):
+        assert "--" + name.replace("_", "-") in help_text, name
+    argv = ["train", "--model", str(tiny_model), "--data", str(ASSETS / "problems.jsonl"), "--out", str(tmp_path)]
+    argv += ["--batch-size", "2", "--num-generations", "2", "--max-prompt-length", "96"]
+    argv += ["--max-completion-length", "6", "--reward-workers", "0", "--no-tensorboard", "--algo", "dapo"]
+    argv += ["--dynamic-sampling", "false", "--overlong-buffer-len", "2"]
+    assert main([*argv, "--max-steps", "2"]) == 0
+    assert f"wrote {tmp_path}" in capsys.readouterr().out
+    assert main([*argv, "--max-steps", "3", "--resume"]) == 0
+    assert [row["step"] for row in read_metrics(tmp_path)] == [1, 2, 3]
+    saved = json.loads(next((tmp_path / "checkpoints" / "3").glob("meta*/*")).read_text())
+    assert saved["config"]["algo"] == "dapo" and saved["config"]["dynamic_sampling"] is False
+    with pytest.raises(SystemExit, match="loss_type must be one of"):
+        main([*argv, "--loss-type", "ppo"])
