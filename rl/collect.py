@@ -16,7 +16,7 @@ import numpy as np
 from rl import losses
 from rl.config import GRPOConfig
 from rl.rollout import Rollout
-from saerl_jax.model import bucket_length
+from saerl_jax.model import bucket_length, left_pad
 
 
 class SamplerExhaustedError(RuntimeError):
@@ -68,11 +68,7 @@ class PromptQueue:
         prompts = [row["input_ids"][-self.length :] for row in rows]
         self.truncated += sum(len(p) < len(row["input_ids"]) for p, row in zip(prompts, rows, strict=True))
         width = self.length if self.fixed else min(self.length, bucket_length(max(len(p) for p in prompts)))
-        ids = np.full((count, width), self.pad_id, np.int32)
-        mask = np.zeros_like(ids)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt) :] = prompt
-            mask[i, width - len(prompt) :] = 1
+        ids, mask = left_pad(prompts, width, self.pad_id)
         return {
             "input_ids": ids,
             "attention_mask": mask,

@@ -21,9 +21,9 @@ from tqdm.auto import tqdm
 from rl.benchmarks import EvalProblem, parse_benches
 from rl.rewards import RewardGrader, math_reward
 from rl.rollout import row_keys
-from saerl_jax.data.prompt import format_example, load_tokenizer
+from saerl_jax.data.prompt import format_example, load_tokenizer, stop_ids
 from saerl_jax.io import atomic_write
-from saerl_jax.model import Qwen2, generate, load_pretrained
+from saerl_jax.model import Qwen2, generate, left_pad, load_pretrained
 
 Grader = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -70,8 +70,7 @@ class _Samples:
 
 def _sample(model, tokenizer, problems, *, n, seed, batch_size, desc, progress, **sampling) -> _Samples:
     """n completions per problem in fixed-size batches of completions (filler rows pad the last one)."""
-    eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} - {None})
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+    eos_ids, pad_id = stop_ids(tokenizer)
     prompts = [format_example(tokenizer, p.question).input_ids for p in problems]
     keys = row_keys(seed, 0, [p.id for p in problems], n)
     total = len(problems) * n
@@ -80,12 +79,7 @@ def _sample(model, tokenizer, problems, *, n, seed, batch_size, desc, progress, 
     for start in range(0, total, batch_size):
         rows = np.minimum(np.arange(start, start + batch_size), total - 1)  # filler rows repeat the last
         batch = [prompts[r // n] for r in rows]
-        width = max(len(p) for p in batch)
-        ids = np.full((batch_size, width), pad_id, np.int32)
-        mask = np.zeros_like(ids)
-        for i, prompt in enumerate(batch):
-            ids[i, width - len(prompt) :] = prompt
-            mask[i, width - len(prompt) :] = 1
+        ids, mask = left_pad(batch, max(len(p) for p in batch), pad_id)
         out = generate(model, ids, mask, eos_token_id=eos_ids, rng=keys[rows], pad_token_id=pad_id, **sampling)
         tokens, valid = np.asarray(out.tokens_BN), np.asarray(out.mask_BN).astype(bool)
         for i in range(min(batch_size, total - start)):

@@ -34,7 +34,7 @@ from rl.rollout import logprobs_fn, rollout, row_keys
 from rl.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
 from rl.step import TrainState, init_state, jit_train_step, make_optimizer
 from saerl_jax.data.problems import Problem, load_problems
-from saerl_jax.data.prompt import load_tokenizer
+from saerl_jax.data.prompt import load_tokenizer, stop_ids
 from saerl_jax.engineering.planner import Plan
 from saerl_jax.model import SamplingConfig, load_pretrained, save_pretrained
 from saerl_jax.pipeline import CurriculumSampler, ExternalDifficultySampler, ShuffleSampler, make_loader
@@ -147,10 +147,7 @@ class Trainer:
         if job.eval_data is not None:
             rows = load_problems(job.eval_data, limit=cfg.eval_limit).problems
             self.eval_rows = [{"question": p.question, "final_answer": p.final_answer} for p in rows]
-        self.eos_ids = sorted(
-            {self.tokenizer.convert_tokens_to_ids("<|im_end|>"), self.tokenizer.eos_token_id} - {None}
-        )
-        self.pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eos_ids[0]
+        self.eos_ids, self.pad_id = stop_ids(self.tokenizer)
         model = load_pretrained(job.model)
         self.graphdef, params = nnx.split(model)
         self.mesh = make_mesh(*job.mesh)

@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 
 from rl.rewards import math_reward
 from saerl_jax.data.prompt import format_example
-from saerl_jax.model import Qwen2, generate
+from saerl_jax.model import Qwen2, generate, left_pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,12 +141,8 @@ def greedy_completions(
     starts = range(0, len(questions), batch_size)
     for start in tqdm(starts, desc="generate", unit="batch", disable=not progress):
         prompts = [format_example(tokenizer, q).input_ids for q in questions[start : start + batch_size]]
-        width = max(len(p) for p in prompts)
-        ids = np.full((batch_size, width), pad_id, np.int32)  # a fixed batch size: one compile
-        mask = np.zeros_like(ids)
-        for i, prompt in enumerate(prompts):
-            ids[i, width - len(prompt) :] = prompt
-            mask[i, width - len(prompt) :] = 1
+        # a fixed batch size: one compile
+        ids, mask = left_pad(prompts, max(len(p) for p in prompts), pad_id, rows=batch_size)
         mask[len(prompts) :, -1] = 1  # filler rows
         out = generate(
             model,

@@ -44,6 +44,13 @@ def load_tokenizer(path: str | os.PathLike[str]) -> transformers.PreTrainedToken
     return tokenizer
 
 
+def stop_ids(tokenizer: transformers.PreTrainedTokenizerBase) -> tuple[list[int], int]:
+    """``(eos_ids, pad_id)`` for sampling chat completions: ``<|im_end|>`` and the tokenizer's EOS (either
+    ends a completion), and the pad id written after them (the tokenizer's, else the first EOS id)."""
+    eos_ids = sorted({tokenizer.convert_tokens_to_ids("<|im_end|>"), tokenizer.eos_token_id} - {None})
+    return eos_ids, tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos_ids[0]
+
+
 def render_prompt(question: str, system: str = SYSTEM_PROMPT) -> str:
     """The Qwen chat prompt: a system turn, a user turn with ``question``, and the assistant header."""
     return _USER_PREFIX.format(system=system) + question + _ASSISTANT_HEADER

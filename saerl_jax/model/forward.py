@@ -52,6 +52,17 @@ def pad_sequences(sequences, min_bucket: int = 32) -> tuple[np.ndarray, np.ndarr
     return ids_BT, mask_BT
 
 
+def left_pad(sequences, width: int, pad_id: int = 0, rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Token sequences left-padded with ``pad_id`` to ``width``, the layout prompts are sampled from:
+    ``(ids, mask)``, both int32 ``[rows, width]`` (``rows`` defaults to the number of sequences; extra rows
+    stay padding with an all-zero mask)."""
+    ids_BT = np.full((len(sequences) if rows is None else rows, width), pad_id, np.int32)
+    mask_BT = np.zeros_like(ids_BT)
+    for row, seq in enumerate(sequences):
+        ids_BT[row, width - len(seq) :], mask_BT[row, width - len(seq) :] = seq, 1
+    return ids_BT, mask_BT
+
+
 def pad_to_bucket(array_BT: np.ndarray, length: int, value: int = 0) -> np.ndarray:
     """Right-pads the time axis of a ``[B, T]`` host array to ``length``."""
     array_BT = np.asarray(array_BT)

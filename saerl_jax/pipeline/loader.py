@@ -11,7 +11,7 @@ from grain import python as grain
 
 from saerl_jax.data.problems import Problem
 from saerl_jax.data.prompt import format_example
-from saerl_jax.model import bucket_length
+from saerl_jax.model import bucket_length, left_pad
 from saerl_jax.pipeline.sampler import BatchSampler
 
 
@@ -44,10 +44,7 @@ class TokenizePrompts(grain.MapTransform):
     def map(self, rows: list[Problem]) -> dict:
         prompts = [format_example(self.tokenizer, row.question).input_ids for row in rows]
         length = bucket_length(max(len(p) for p in prompts), self.min_bucket)
-        ids = np.full((len(rows), length), self.tokenizer.pad_token_id or 0, np.int32)
-        mask = np.zeros_like(ids)
-        for i, prompt in enumerate(prompts):
-            ids[i, length - len(prompt) :], mask[i, length - len(prompt) :] = prompt, 1
+        ids, mask = left_pad(prompts, length, self.tokenizer.pad_token_id or 0)
         return {
             "input_ids": ids,
             "attention_mask": mask,
