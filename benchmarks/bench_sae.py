@@ -1,30 +1,35 @@
-"""Training throughput of saerl-jax's TopK SAE against a careful PyTorch TopK step, on CPU in float32.
+"""Training throughput of saerl-jax's TopK SAE against SAELens and careful PyTorch TopK steps, CPU, float32.
 
-Both sides train the same SAE (default D=512, F=4,096, k=32, batch 1,024) from identical weights on the
+All sides train the same SAE (default D=512, F=4,096, k=32, batch 1,024) from identical weights on the
 same batches: synthetic activations from a planted sparse dictionary (F random unit directions, k of
 them per sample with magnitudes in [0.5, 1.5], a shared offset and small noise), drawn through
 :class:`sae.activations.ArraySource`.
 
 - Ours: :func:`sae.train.train_step` called in a loop over pre-converted batches, exactly as
   :func:`sae.train.train` calls it, blocking on the state only at the end of a timed stretch.
-- Theirs: the same algorithm written in PyTorch. Encoder pre-activations ``(x - b_dec) W_enc + b_enc``,
-  top-k then ReLU; loss FVU + ``auxk_alpha`` * AuxK on latents that have not fired for
+- SAELens (PyPI ``sae-lens``, the issue's reference): its ``TopKTrainingSAE.training_forward_pass`` as
+  the loss, dense codes (``saelens-dense``) or its ``use_sparse_activations`` COO codes
+  (``saelens-sparse``), with no decoder-norm rescaling. Its loss is the per-sample squared error, ours
+  the FVU; the batch's ``total variance / N`` is divided out before ``backward`` so the gradients agree.
+  Its trainer's extras (gradient-norm clipping, logging) are not run: they would change the algorithm.
+- Hand-written: the same algorithm in plain PyTorch. Encoder pre-activations ``(x - b_dec) W_enc +
+  b_enc``, top-k then ReLU; loss FVU + ``auxk_alpha`` * AuxK on latents that have not fired for
   ``dead_after_tokens`` activations (top ``D // 2`` of them, scaled by ``min(dead / (D // 2), 1)``,
-  skipped when none is dead, as sparsify does); ``torch.optim.Adam`` (fused, optax's betas and eps)
-  with our warm-up / flat / linear-decay schedule as a ``LambdaLR``; decoder rows renormalised after
-  every step (ours has no gradient projection, so neither has this). Four implementations are tried:
-  ``dense`` (autograd through dense scattered codes, SAELens' way) and ``sparse`` (only the k selected
-  latents are touched: gathered pre-activations with a CSR-matmul backward, ``embedding_bag`` decode
-  with an SDDMM backward, sparsify's way on CPU; ``dense`` instead gets b_dec's encoder gradient as a
-  mat-vec), each eager and under ``torch.compile``. The encoder weight is kept as ``W_enc.T``
-  (``[F, D]``, nn.Linear's layout) so latents are rows. With ``--torch-mode auto`` every mode that
-  passes the check is timed for a few steps (taking turns) and the fastest is used.
+  skipped when none is dead, as sparsify does). ``dense`` is autograd through dense scattered codes;
+  ``sparse`` touches only the k selected latents (gathered pre-activations with a CSR-matmul backward,
+  ``embedding_bag`` decode with an SDDMM backward, sparsify's way on CPU); each eager and under
+  ``torch.compile``. The encoder weight is kept as ``W_enc.T`` (``[F, D]``) so latents are rows.
 
-Before timing, a few steps from identical weights with half the latents marked dead (so AuxK is on)
-check that both sides compute the same losses. Timed steps alternate between the sides in chunks so
-both see the same background load (torch's OpenMP workers wait passively unless ``OMP_WAIT_POLICY`` says
-otherwise, see below); throughput is activations per second over all timed steps. At the
-end both reconstruct a held-out batch and report its FVU (:func:`sae.metrics.fvu`). Run it with::
+Every torch side uses ``torch.optim.Adam`` (fused, optax's betas and eps) with our warm-up / flat /
+linear-decay schedule as a ``LambdaLR`` and renormalises the decoder rows after every step (ours has no
+gradient projection, so neither has this). Before timing, a few steps from identical weights check that
+each mode computes the same losses and weights (with half the latents dead, so AuxK is on; SAELens
+modes from a start with none dead, see :func:`check_agreement`). With ``--torch-mode auto`` the fastest
+passing mode of each family (SAELens, hand-written) is picked over a few steps taking turns. Timed steps
+then rotate between ours and the two picks in chunks so all see the same background load (torch's OpenMP
+workers wait passively unless ``OMP_WAIT_POLICY`` says otherwise, see below); throughput is activations
+per second over all timed steps, and the 1.5x goal is read against SAELens. At the end every side
+reconstructs a held-out batch and reports its FVU (:func:`sae.metrics.fvu`). Run it with::
 
     .venv/bin/python benchmarks/bench_sae.py            # defaults: a few minutes on 2 cores
     .venv/bin/python benchmarks/bench_sae.py --quick    # small SAE, seconds
@@ -57,9 +62,10 @@ from flax import nnx
 from sae.activations import ArraySource
 from sae.metrics import fvu
 from sae.model import SAEConfig, SparseAutoencoder
-from sae.train import TrainConfig, init_state, learning_rate, train_step
+from sae.train import TrainConfig, init_state, learning_rate, train_step, trained_sae
 
-TORCH_MODES = ("eager-dense", "eager-sparse", "compile-dense", "compile-sparse")
+TORCH_MODES = ("eager-dense", "eager-sparse", "compile-dense", "compile-sparse", "saelens-dense", "saelens-sparse")
+SAELENS_MODES = ("saelens-dense", "saelens-sparse")
 QUICK_ARGS = dict(d_in=64, d_sae=512, k=8, batch_size=256, steps=20, warmup=2, pool_batches=8, chunk=5)
 GOAL = 1.5
 LOSS_TOLERANCE = 1e-4
@@ -231,22 +237,84 @@ LOSSES = {
 }
 
 
+def saelens_sae(weights: dict[str, np.ndarray], sae_cfg: SAEConfig, cfg: TrainConfig, sparse: bool):
+    """SAELens' own ``TopKTrainingSAE`` (PyPI ``sae-lens``) holding ``weights``, set up as our algorithm.
+
+    No decoder-norm rescaling in the top-k (our decoder rows are unit length after every step anyway),
+    ``b_dec`` subtracted from the input, AuxK weighted by ``auxk_alpha``; ``sparse`` turns on its
+    ``use_sparse_activations`` (COO codes and ``torch.sparse.mm`` in the decode).
+    """
+    from sae_lens.saes.topk_sae import TopKTrainingSAE, TopKTrainingSAEConfig
+
+    sae = TopKTrainingSAE(
+        TopKTrainingSAEConfig(
+            d_in=sae_cfg.d_in,
+            d_sae=sae_cfg.d_sae,
+            k=sae_cfg.k,
+            apply_b_dec_to_input=True,
+            use_sparse_activations=sparse,
+            aux_loss_coefficient=cfg.auxk_alpha,
+            rescale_acts_by_decoder_norm=False,
+        )
+    )
+    with torch.no_grad():
+        for name in ("W_enc", "b_enc", "W_dec", "b_dec"):
+            getattr(sae, name).copy_(torch.from_numpy(weights[name]))
+    return sae
+
+
 class TorchTrainer:
-    """The PyTorch reference training loop state: parameters, Adam, schedule and firing counters."""
+    """The PyTorch reference training loop state: parameters, Adam, schedule and firing counters.
+
+    The ``saelens-*`` modes run SAELens' ``TopKTrainingSAE.training_forward_pass`` as the loss. Its loss is
+    the mean per-sample squared error (``+`` AuxK on the same scale), ours the FVU: the two differ by the
+    factor ``total variance / N`` of the batch, which is divided out before ``backward`` so the gradients
+    and the Adam steps are the same as ours. Nothing else of SAELens' trainer runs (its gradient-norm
+    clipping would change the algorithm).
+    """
 
     def __init__(self, weights: dict[str, np.ndarray], sae_cfg: SAEConfig, cfg: TrainConfig, mode: str):
         def param(array: np.ndarray) -> torch.nn.Parameter:
             return torch.nn.Parameter(torch.tensor(np.ascontiguousarray(array)))
 
-        self.w_enc_FD, self.b_enc_F = param(weights["W_enc"].T), param(weights["b_enc"])
-        self.w_dec_FD, self.b_dec_D = param(weights["W_dec"]), param(weights["b_dec"])
-        self.params = [self.w_enc_FD, self.b_enc_F, self.w_dec_FD, self.b_dec_D]
+        self.saelens = None
+        if mode in SAELENS_MODES:
+            self.saelens = saelens_sae(weights, sae_cfg, cfg, sparse=mode == "saelens-sparse")
+            self.params = [self.saelens.W_enc, self.saelens.b_enc, self.saelens.W_dec, self.saelens.b_dec]
+            self.w_dec_FD = self.saelens.W_dec
+        else:
+            self.w_enc_FD, self.b_enc_F = param(weights["W_enc"].T), param(weights["b_enc"])
+            self.w_dec_FD, self.b_dec_D = param(weights["W_dec"]), param(weights["b_dec"])
+            self.params = [self.w_enc_FD, self.b_enc_F, self.w_dec_FD, self.b_dec_D]
+            self.loss_fn = LOSSES[mode]
         self.opt = torch.optim.Adam(
             self.params, lr=peak_lr(cfg, sae_cfg.d_sae), betas=(0.9, 0.999), eps=1e-8, fused=True
         )
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, torch_lr_factor(cfg))
         self.since_fired_F = torch.zeros(sae_cfg.d_sae, dtype=torch.int64)
-        self.loss_fn, self.sae_cfg, self.cfg = LOSSES[mode], sae_cfg, cfg
+        self.sae_cfg, self.cfg, self.steps = sae_cfg, cfg, 0
+
+    def _saelens_loss(self, x_ND: torch.Tensor, dead_F: torch.Tensor):
+        from sae_lens.saes.sae import TrainStepInput
+
+        out = self.saelens.training_forward_pass(
+            TrainStepInput(
+                sae_in=x_ND,
+                coefficients={},
+                dead_neuron_mask=dead_F,
+                n_training_steps=self.steps,
+                is_logging_step=False,
+            )
+        )
+        total_var = (x_ND - x_ND.mean(0)).pow(2).sum()
+        acts = out.feature_acts
+        if acts.is_sparse:
+            acts = acts.coalesce()
+            idx_NK = acts.indices()[1].reshape(x_ND.shape[0], -1)
+            vals_NK = acts.values().reshape(x_ND.shape[0], -1)
+        else:
+            vals_NK, idx_NK = acts.detach().topk(self.sae_cfg.k, sorted=False)
+        return out.loss * (x_ND.shape[0] / total_var), idx_NK, vals_NK.detach()
 
     def step(self, x_ND: torch.Tensor) -> torch.Tensor:
         """One optimizer step on a batch; returns the loss (before the update)."""
@@ -254,9 +322,12 @@ class TorchTrainer:
         num_dead, k_aux = int(dead_F.sum()), min(self.sae_cfg.d_in // 2, self.sae_cfg.d_sae)
         aux_weight = torch.tensor(self.cfg.auxk_alpha * min(num_dead / k_aux, 1.0))
         self.opt.zero_grad(set_to_none=True)
-        loss, idx_NK, vals_NK = self.loss_fn(
-            x_ND, *self.params, dead_F, self.sae_cfg.k, min(k_aux, num_dead), aux_weight
-        )
+        if self.saelens is not None:
+            loss, idx_NK, vals_NK = self._saelens_loss(x_ND, dead_F)
+        else:
+            loss, idx_NK, vals_NK = self.loss_fn(
+                x_ND, *self.params, dead_F, self.sae_cfg.k, min(k_aux, num_dead), aux_weight
+            )
         loss.backward()
         self.opt.step()
         self.sched.step()
@@ -266,12 +337,15 @@ class TorchTrainer:
                 0, idx_NK.reshape(-1), (vals_NK > 0).float().reshape(-1)
             )
             self.since_fired_F = torch.where(fires_F > 0, 0, self.since_fired_F + x_ND.shape[0])
+        self.steps += 1
         return loss.detach()
 
     @torch.no_grad()
     def reconstruct(self, x_ND: np.ndarray) -> np.ndarray:
         """Inference reconstruction ``[N, D]`` of raw activations."""
         x = torch.from_numpy(x_ND)
+        if self.saelens is not None:
+            return self.saelens.decode(self.saelens.encode(x)).to_dense().numpy()
         pre_NF = torch.addmm(self.b_enc_F, x - self.b_dec_D, self.w_enc_FD.t())
         vals_NK, idx_NK = pre_NF.topk(self.sae_cfg.k, sorted=False)
         return (
@@ -280,6 +354,8 @@ class TorchTrainer:
 
     def weights(self) -> dict[str, np.ndarray]:
         """Parameters under our names and layouts."""
+        if self.saelens is not None:
+            return {name: getattr(self.saelens, name).detach().numpy() for name in ("W_enc", "b_enc", "W_dec", "b_dec")}
         out = {"W_enc": self.w_enc_FD.T, "b_enc": self.b_enc_F, "W_dec": self.w_dec_FD, "b_dec": self.b_dec_D}
         return {name: value.detach().numpy() for name, value in out.items()}
 
@@ -288,11 +364,28 @@ def _floats(values: list[float], spec: str) -> str:
     return ", ".join(format(v, spec) for v in values)
 
 
+def _weights(graphdef: nnx.GraphDef, state: dict) -> dict[str, np.ndarray]:
+    """The SAE parameters of a training state as numpy, in the module's (SAELens') layouts."""
+    params = nnx.state(trained_sae(graphdef, state), nnx.Param)
+    return {name: np.array(value) for name, value in nnx.to_pure_dict(params).items()}
+
+
 def our_start(sae_cfg: SAEConfig, cfg: TrainConfig, first_ND: np.ndarray, seed: int):
     """Our graphdef and training state after :func:`sae.train.init_state`, and its weights as numpy."""
     graphdef, state = init_state(SparseAutoencoder(sae_cfg, rngs=nnx.Rngs(seed)), cfg, first_ND)
-    weights = {name: np.array(value) for name, value in nnx.to_pure_dict(state["params"]).items()}
-    return graphdef, state, weights
+    return graphdef, state, _weights(graphdef, state)
+
+
+def _our_check_run(args, sae_cfg: SAEConfig, cfg: TrainConfig, batches, since_fired_F):
+    """Our ``--check-steps`` steps from ``since_fired_F``: start weights, losses, alpha * AuxK, final weights."""
+    graphdef, state, weights = our_start(sae_cfg, cfg, batches[0], args.seed)
+    state["since_fired"] = jnp.asarray(since_fired_F, jnp.int32)
+    losses, auxk = [], []
+    for x_ND in batches[: args.check_steps]:
+        state, metrics = train_step(graphdef, cfg, state, jnp.asarray(x_ND))
+        losses.append(float(metrics["loss"]))
+        auxk.append(cfg.auxk_alpha * float(metrics["auxk"]))
+    return weights, losses, auxk, _weights(graphdef, state)
 
 
 def check_agreement(
@@ -300,7 +393,11 @@ def check_agreement(
 ) -> list[str]:
     """Runs ``--check-steps`` steps on both sides from identical weights with half the latents dead.
 
-    Returns the torch modes that ran and agreed; prints the per-step losses and final weight gaps.
+    SAELens' AuxK differs from ours (and sparsify's) in one respect: it does not ReLU the dead latents'
+    pre-activations, so negative ones take part. The ``saelens-*`` modes are therefore checked from a
+    start with no dead latent (AuxK off on both sides); the timed run has none either (the dead counts are
+    printed at the end), so both sides time the same work. Returns the torch modes that ran and agreed;
+    prints the per-step losses and final weight gaps.
     """
     cfg = TrainConfig(
         total_steps=args.check_steps,
@@ -309,34 +406,33 @@ def check_agreement(
         dead_after_tokens=args.dead_after_tokens,
         seed=args.seed,
     )
-    since_fired_F = np.where(np.arange(sae_cfg.d_sae) % 2 == 0, cfg.dead_after_tokens + 1, 0)
-    graphdef, state, weights = our_start(sae_cfg, cfg, batches[0], args.seed)
-    state["since_fired"] = jnp.asarray(since_fired_F, jnp.int32)
-    ours, auxk = [], []
-    for x_ND in batches[: args.check_steps]:
-        state, metrics = train_step(graphdef, cfg, state, jnp.asarray(x_ND))
-        ours.append(float(metrics["loss"]))
-        auxk.append(cfg.auxk_alpha * float(metrics["auxk"]))
-    final = {name: np.asarray(value) for name, value in nnx.to_pure_dict(state["params"]).items()}
+    half_dead_F = np.where(np.arange(sae_cfg.d_sae) % 2 == 0, cfg.dead_after_tokens + 1, 0)
+    starts = {"half dead": half_dead_F, "none dead": np.zeros(sae_cfg.d_sae, np.int64)}
+    ours = {}
     weight_tol = WEIGHT_TOLERANCE * peak_lr(cfg, sae_cfg.d_sae)
-    print(
-        f"check: {args.check_steps} steps (lr 0, then peak), {sae_cfg.d_sae // 2} of {sae_cfg.d_sae} latents dead first"
-    )
-    print(f"  saerl-jax: losses {_floats(ours, '.6f')} (of which alpha * AuxK {_floats(auxk, '.1e')})")
+    print(f"check: {args.check_steps} steps (lr 0, then peak) from identical weights")
     agreed = []
     for mode in modes:
-        trainer = TorchTrainer(weights, sae_cfg, cfg, mode)
-        trainer.since_fired_F = torch.from_numpy(since_fired_F)
+        start = "none dead" if mode in SAELENS_MODES else "half dead"
+        if start not in ours:
+            ours[start] = _our_check_run(args, sae_cfg, cfg, batches, starts[start])
+            print(
+                f"  saerl-jax, {start}: losses {_floats(ours[start][1], '.6f')} "
+                f"(of which alpha * AuxK {_floats(ours[start][2], '.1e')})"
+            )
+        weights, our_losses, _, final = ours[start]
         try:
+            trainer = TorchTrainer(weights, sae_cfg, cfg, mode)
+            trainer.since_fired_F = torch.from_numpy(starts[start])
             theirs = [float(trainer.step(torch.from_numpy(x_ND))) for x_ND in batches[: args.check_steps]]
-        except Exception as error:  # a torch mode that cannot run here (torch.compile) is reported and skipped
+        except Exception as error:  # a mode that cannot run here (torch.compile, no sae-lens) is reported and skipped
             print(f"  {mode}: does not run here ({type(error).__name__}: {str(error).splitlines()[0][:120]})")
             continue
-        gap = max(abs(a - b) for a, b in zip(ours, theirs, strict=True))
+        gap = max(abs(a - b) for a, b in zip(our_losses, theirs, strict=True))
         weight_gap = max(float(np.max(np.abs(final[n] - w))) for n, w in trainer.weights().items())
-        ok = gap <= LOSS_TOLERANCE * max(1.0, max(ours)) and weight_gap <= weight_tol
+        ok = gap <= LOSS_TOLERANCE * max(1.0, max(our_losses)) and weight_gap <= weight_tol
         print(
-            f"  {mode}: losses {_floats(theirs, '.6f')}; max |loss diff| {gap:.1e} "
+            f"  {mode}, {start}: losses {_floats(theirs, '.6f')}; max |loss diff| {gap:.1e} "
             f"(tol {LOSS_TOLERANCE:g}), max |weight diff| {weight_gap:.1e} (tol {weight_tol:.0e}): "
             + ("ok" if ok else "MISMATCH")
         )
@@ -382,14 +478,14 @@ def time_interleaved(
     graphdef: nnx.GraphDef,
     cfg: TrainConfig,
     state: dict,
-    trainer: TorchTrainer,
+    trainers: list[TorchTrainer],
     batches_j: list[jax.Array],
     batches_t: list[torch.Tensor],
 ):
-    """Warms both sides up, then times ``--steps`` steps each, alternating sides every ``--chunk`` steps.
+    """Warms every side up, then times ``--steps`` steps each, taking turns every ``--chunk`` steps.
 
-    Returns our final state and metrics, torch's last loss, the seconds ``[chunks, (ours, theirs)]`` and the
-    seconds of our first (compiling) step.
+    Returns our final state and metrics, each trainer's last loss, the seconds ``[chunks, sides]`` (ours
+    first, then the trainers in order) and the seconds of our first (compiling) step.
     """
     start = time.perf_counter()
     state, metrics = train_step(graphdef, cfg, state, batches_j[0])
@@ -398,26 +494,32 @@ def time_interleaved(
     for x_ND in batches_j[1 : args.warmup]:
         state, metrics = train_step(graphdef, cfg, state, x_ND)
     jax.block_until_ready(state)
-    for x_ND in batches_t[: args.warmup]:
-        loss = trainer.step(x_ND)
+    losses = [None] * len(trainers)
+    for i, trainer in enumerate(trainers):
+        for x_ND in batches_t[: args.warmup]:
+            losses[i] = trainer.step(x_ND)
     chunks = []
     for lo in range(args.warmup, len(batches_j), args.chunk):
         start = time.perf_counter()
         for x_ND in batches_j[lo : lo + args.chunk]:
             state, metrics = train_step(graphdef, cfg, state, x_ND)
         jax.block_until_ready((state, metrics))
-        middle = time.perf_counter()
-        for x_ND in batches_t[lo : lo + args.chunk]:
-            loss = trainer.step(x_ND)
-        chunks.append((middle - start, time.perf_counter() - middle))
-    return state, metrics, loss, np.array(chunks), first_s
+        row = [time.perf_counter() - start]
+        for i, trainer in enumerate(trainers):
+            start = time.perf_counter()
+            for x_ND in batches_t[lo : lo + args.chunk]:
+                losses[i] = trainer.step(x_ND)
+            row.append(time.perf_counter() - start)
+        chunks.append(row)
+    return state, metrics, losses, np.array(chunks), first_s
 
 
 def main() -> None:
-    """Builds the data, checks agreement, picks the torch mode, times both sides and compares FVU."""
+    """Builds the data, checks agreement, picks the torch modes, times all sides and compares FVU."""
     args = parse_args()
     torch.set_num_threads(args.threads)
     warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")
+    warnings.filterwarnings("ignore", message="Sparse invariant checks are implicitly disabled")
     rng = np.random.default_rng(args.seed)
     dictionary_FD = rng.standard_normal((args.d_sae, args.d_in)).astype(np.float32)
     dictionary_FD /= np.linalg.norm(dictionary_FD, axis=1, keepdims=True)
@@ -443,38 +545,51 @@ def main() -> None:
     modes = list(TORCH_MODES) if args.torch_mode == "auto" else [args.torch_mode]
     modes = check_agreement(args, sae_cfg, batches, modes)
     graphdef, state, weights = our_start(sae_cfg, cfg, batches[0], args.seed)
-    mode = pick_mode(args, sae_cfg, cfg, weights, batches_t, modes)
-    trainer = TorchTrainer(weights, sae_cfg, cfg, mode)
+    # One side per family: SAELens itself (the issue's reference) and the fastest hand-written step.
+    families = {
+        "sae-lens": [m for m in modes if m in SAELENS_MODES],
+        "hand-written": [m for m in modes if m not in SAELENS_MODES],
+    }
+    picked = {name: pick_mode(args, sae_cfg, cfg, weights, batches_t, ms) for name, ms in families.items() if ms}
+    trainers = [TorchTrainer(weights, sae_cfg, cfg, mode) for mode in picked.values()]
 
-    state, metrics, loss, chunks, compile_s = time_interleaved(
-        args, graphdef, cfg, state, trainer, batches_j, batches_t
+    state, metrics, losses, chunks, compile_s = time_interleaved(
+        args, graphdef, cfg, state, trainers, batches_j, batches_t
     )
 
     acts = args.steps * args.batch_size
-    ours_s, theirs_s = chunks.sum(axis=0)
-    chunk_ratios = chunks[:, 1] / chunks[:, 0]
-    x, y = acts / ours_s, acts / theirs_s
+    seconds = chunks.sum(axis=0)
     print(
         f"throughput over {args.steps} steps ({args.warmup} warm-up, chunks of {args.chunk}): "
-        f"saerl-jax {x:,.0f} act/s ({ours_s / args.steps * 1e3:.1f} ms/step), "
-        f"torch {mode} {y:,.0f} act/s ({theirs_s / args.steps * 1e3:.1f} ms/step); first JAX step {compile_s:.2f} s"
+        f"saerl-jax {acts / seconds[0]:,.0f} act/s ({seconds[0] / args.steps * 1e3:.1f} ms/step); "
+        + "; ".join(
+            f"torch {mode} {acts / sec:,.0f} act/s ({sec / args.steps * 1e3:.1f} ms/step)"
+            for mode, sec in zip(picked.values(), seconds[1:], strict=True)
+        )
+        + f"; first JAX step {compile_s:.2f} s"
     )
-    print(
-        f"ratio ours/theirs = {x / y:.2f}x (goal >= {GOAL}x: {'met' if x / y >= GOAL else 'NOT met'}); "
-        f"per chunk: median {np.median(chunk_ratios):.2f}x, range {chunk_ratios.min():.2f}-{chunk_ratios.max():.2f}x, "
-        f"fastest chunks {chunks[:, 1].min() / chunks[:, 0].min():.2f}x"
-    )
-    sae = nnx.merge(graphdef, state["params"], state["rest"])
+    for i, (family, mode) in enumerate(picked.items(), start=1):
+        ratio, chunk_ratios = seconds[i] / seconds[0], chunks[:, i] / chunks[:, 0]
+        goal = f" (goal >= {GOAL}x: {'met' if ratio >= GOAL else 'NOT met'})" if family == "sae-lens" else ""
+        print(
+            f"ratio ours / {family} ({mode}) = {ratio:.2f}x{goal}; per chunk: median {np.median(chunk_ratios):.2f}x, "
+            f"range {chunk_ratios.min():.2f}-{chunk_ratios.max():.2f}x, "
+            f"fastest chunks {chunks[:, i].min() / chunks[:, 0].min():.2f}x"
+        )
+    sae = trained_sae(graphdef, state)
     ours_fvu = fvu(held_out_ND, np.asarray(sae(jnp.asarray(held_out_ND)).x_hat))
-    theirs_fvu = fvu(held_out_ND, trainer.reconstruct(held_out_ND))
-    dead = (
-        int(jnp.sum(state["since_fired"] > cfg.dead_after_tokens)),
-        int((trainer.since_fired_F > cfg.dead_after_tokens).sum()),
-    )
+    dead = int(jnp.sum(state["since_fired"] > cfg.dead_after_tokens))
+    last = float(metrics["loss"])
     print(
-        f"after {total} steps: held-out FVU saerl-jax {ours_fvu:.4f}, torch {theirs_fvu:.4f}; "
-        f"last train loss {float(metrics['loss']):.4f} / {float(loss):.4f}; dead latents {dead[0]} / {dead[1]}"
+        f"after {total} steps: saerl-jax held-out FVU {ours_fvu:.4f}, last train loss {last:.4f}, dead latents {dead}"
     )
+    for mode, trainer, loss in zip(picked.values(), trainers, losses, strict=True):
+        their_fvu = fvu(held_out_ND, trainer.reconstruct(held_out_ND))
+        their_dead = int((trainer.since_fired_F > cfg.dead_after_tokens).sum())
+        print(
+            f"  torch {mode}: held-out FVU {their_fvu:.4f}, last train loss {float(loss):.4f}, "
+            f"dead latents {their_dead}"
+        )
 
 
 if __name__ == "__main__":

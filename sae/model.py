@@ -13,6 +13,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sae.sparse import top_k
+
 Architecture = Literal["topk", "batchtopk", "relu", "jumprelu"]
 Normalization = Literal["none", "expected_average_only_in"]
 
@@ -84,7 +86,7 @@ class SAEOutput(NamedTuple):
 
 def topk_codes(pre_NF: jax.Array, k: int) -> jax.Array:
     """Dense codes keeping each row's k largest pre-activations, then ReLU (SAELens' TopK)."""
-    values_NK, indices_NK = jax.lax.top_k(pre_NF, k)
+    values_NK, indices_NK = top_k(pre_NF, k)
     rows = jnp.arange(pre_NF.shape[0])[:, None]
     return jnp.zeros_like(pre_NF).at[rows, indices_NK].set(jax.nn.relu(values_NK))
 
@@ -127,13 +129,20 @@ class SparseAutoencoder(nnx.Module):
         """Applies the input normalisation (identity unless ``expected_average_only_in``)."""
         return x * self.norm_scale[...].astype(x.dtype)
 
+    def encoder_bias(self) -> jax.Array:
+        """The bias ``[F]`` added to ``normalize(x) W_enc``, with ``b_dec`` folded in.
+
+        With ``apply_b_dec_to_input``, ``(x - b_dec) W + b = x W + (b - b_dec W)``: one ``[N, D]`` pass fewer.
+        ``b_dec W`` is computed as ``W.T b_dec``: training holds ``W_enc`` as ``[F, D]`` (:mod:`sae.train`), and
+        this way neither the product nor its gradient needs a transposed copy of it.
+        """
+        if self.config.apply_b_dec_to_input:
+            return self.b_enc[...] - self.W_enc[...].T @ self.b_dec[...]
+        return self.b_enc[...]
+
     def pre_acts(self, x: jax.Array) -> jax.Array:
         """Encoder pre-activations ``[..., F]`` of raw inputs ``[..., D]``."""
-        x = self.normalize(x.astype(self.W_enc.dtype))
-        b_enc = self.b_enc[...]
-        if self.config.apply_b_dec_to_input:  # (x - b_dec) W + b = x W + (b - b_dec W): one [N, D] pass fewer
-            b_enc = b_enc - self.b_dec[...] @ self.W_enc[...]
-        return x @ self.W_enc[...] + b_enc
+        return self.normalize(x.astype(self.W_enc.dtype)) @ self.W_enc[...] + self.encoder_bias()
 
     def activate(self, pre_NF: jax.Array) -> jax.Array:
         """Inference activation rule for ``[N, F]`` pre-activations."""
