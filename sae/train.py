@@ -266,6 +266,10 @@ def train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, state: dict[str, Any], 
     return new_state, metrics
 
 
+STATE_LAYOUT = "W_enc [F, D]"
+"""How :func:`init_state` lays out the parameters; checkpoints record it and resuming checks it."""
+
+
 def _row_norms(w_FD: jax.Array) -> jax.Array:
     """Euclidean norms of the rows ``[F]``, as a matrix-vector product.
 
@@ -341,14 +345,21 @@ def train(
     first, position = next(batches)
     graphdef, state = init_state(sae, cfg, first)
     if manager is not None and manager.latest_step() is not None:
+        step = manager.latest_step()
+        data = manager.restore(step, args=ocp.args.Composite(data=ocp.args.JsonRestore()))["data"]
+        if data.get("state_layout") != STATE_LAYOUT:
+            raise ValueError(
+                f"SAE checkpoint {manager.directory / str(step)} holds a training state of layout "
+                f"{data.get('state_layout', 'W_enc [D, F] (before 2026-11-30)')}, this version needs "
+                f"{STATE_LAYOUT}; start again in an empty checkpoint directory"
+            )
         restored = manager.restore(
-            manager.latest_step(),
+            step,
             args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state)),
-                data=ocp.args.JsonRestore(),
+                state=ocp.args.StandardRestore(jax.tree.map(ocp.utils.to_shape_dtype_struct, state))
             ),
         )
-        state, position = restored["state"], restored["data"]["position"]
+        state, position = restored["state"], data["position"]
         batches = source.iterate(position)
     else:
         batches = _chain_first(first, position, batches)
@@ -404,6 +415,7 @@ def _save(manager: ocp.CheckpointManager, step: int, state, position) -> None:
     manager.save(
         step,
         args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=ocp.args.JsonSave({"position": list(position)})
+            state=ocp.args.StandardSave(state),
+            data=ocp.args.JsonSave({"position": list(position), "state_layout": STATE_LAYOUT}),
         ),
     )

@@ -14,6 +14,7 @@ import pytest
 from conftest import save_hf_qwen2
 from flax import nnx
 
+import sae.train as train_module
 from sae import SAEConfig, SparseAutoencoder
 from sae.activations import ArraySource, ModelSource, drop_outlier_norms, token_mask
 from sae.metrics import fvu, reconstruction_metrics
@@ -411,3 +412,13 @@ def test_callers_sae_stays_usable(planted):
     )
     np.asarray(sae.W_enc[...])
     np.asarray(trained.W_enc[...])
+
+
+def test_resume_refuses_a_checkpoint_of_another_state_layout(planted, tmp_path, monkeypatch):
+    source = ArraySource(planted[0][:1024], 256, seed=1)
+    cfg = TrainConfig(total_steps=4, batch_size=256, warmup_steps=1, checkpoint_every=2)
+    monkeypatch.setattr(train_module, "STATE_LAYOUT", "W_enc [D, F]")
+    train(_sae("topk"), source, cfg, checkpoint_dir=tmp_path, stop_after=2, progress=False)
+    monkeypatch.undo()
+    with pytest.raises(ValueError, match=r"layout W_enc \[D, F\].*needs W_enc \[F, D\].*empty checkpoint directory"):
+        train(_sae("topk"), source, cfg, checkpoint_dir=tmp_path, progress=False)
