@@ -17,8 +17,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from rl.rewards import math_reward
+from saerl_jax.data import tinymath
 from saerl_jax.data.prompt import format_example
-from saerl_jax.model import Qwen2, generate, left_pad
+from saerl_jax.model import Qwen2, Qwen2Config, generate, left_pad
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,6 +42,31 @@ class SFTConfig:
     """Global gradient-norm clip."""
     seed: int = 0
     """Batch order seed."""
+
+
+def tinymath_sft_rows(n: int) -> list[dict]:
+    """``n`` tiny-math problems for SFT: seed ``tinymath.SFT_SEED``, no noise, ids from ``SFT_ID_OFFSET``.
+
+    Disjoint from the RL pool and the held-out set by seed and ids; the tiny-math model and the transfer
+    study's model B both learn from these.
+    """
+    return tinymath.generate(n, seed=tinymath.SFT_SEED, noise_fraction=0.0, id_offset=tinymath.SFT_ID_OFFSET)
+
+
+def small_qwen2_config(
+    vocab_size: int, *, hidden_size: int, intermediate_size: int, layers: int, heads: int, kv_heads: int
+) -> Qwen2Config:
+    """A small Qwen2 of the tiny-math kind: tied input and output embeddings, 512 positions."""
+    return Qwen2Config(
+        vocab_size=vocab_size,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        tie_word_embeddings=True,
+        max_position_embeddings=512,
+    )
 
 
 @dataclasses.dataclass(frozen=True, eq=False)

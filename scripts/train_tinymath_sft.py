@@ -22,9 +22,9 @@ import numpy as np
 from flax import nnx
 
 from saerl_jax import sft
-from saerl_jax.data import load_tokenizer, tinymath
+from saerl_jax.data import load_tokenizer
 from saerl_jax.io import atomic_write
-from saerl_jax.model import Qwen2, Qwen2Config, save_pretrained
+from saerl_jax.model import Qwen2, save_pretrained
 
 
 def read_jsonl(path: Path) -> list[dict]:
@@ -59,18 +59,16 @@ def main(argv=None) -> None:
 
     tokenizer = load_tokenizer(args.assets / "tokenizer")
     held_out = read_jsonl(args.assets / "eval.jsonl")
-    rows = tinymath.generate(args.n_sft, seed=tinymath.SFT_SEED, noise_fraction=0.0, id_offset=tinymath.SFT_ID_OFFSET)
+    rows = sft.tinymath_sft_rows(args.n_sft)
     cfg = sft.SFTConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, seed=args.seed)
     data = sft.tokenize_sft(tokenizer, rows, cfg.seq_len)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    config = sft.small_qwen2_config(
+        len(tokenizer),
         hidden_size=args.hidden_size,
         intermediate_size=args.intermediate_size,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.kv_heads,
-        tie_word_embeddings=True,
-        max_position_embeddings=512,
+        layers=args.layers,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
     )
     model = Qwen2(config, rngs=nnx.Rngs(args.seed))
     n_params = sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

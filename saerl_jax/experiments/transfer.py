@@ -20,13 +20,13 @@ from flax import nnx
 from safetensors import safe_open
 
 from saerl_jax import sft
-from saerl_jax.data import load_tokenizer, tinymath
+from saerl_jax.data import load_tokenizer
 from saerl_jax.experiments.config import StudyConfig
 from saerl_jax.experiments.inputs import training_pool
 from saerl_jax.experiments.report import SEED_NOTE, arms_table, budget_line, plans_table, plot_curves, write_results
 from saerl_jax.experiments.runs import Arm, run_arms
 from saerl_jax.io import atomic_write
-from saerl_jax.model import Qwen2, Qwen2Config, save_pretrained
+from saerl_jax.model import Qwen2, save_pretrained
 
 SFT_REPORT = "sft_report.json"
 
@@ -68,19 +68,15 @@ def train_small_model(spec: SmallModel, tokenizer_dir: Path, out: Path) -> Path:
         return out
     started = time.perf_counter()
     tokenizer = load_tokenizer(tokenizer_dir)
-    rows = tinymath.generate(
-        spec.problems, seed=tinymath.SFT_SEED, noise_fraction=0.0, id_offset=tinymath.SFT_ID_OFFSET
-    )
+    rows = sft.tinymath_sft_rows(spec.problems)
     cfg = sft.SFTConfig(steps=spec.steps, batch_size=spec.batch_size, seq_len=spec.seq_len, lr=spec.lr, seed=spec.seed)
-    config = Qwen2Config(
-        vocab_size=len(tokenizer),
+    config = sft.small_qwen2_config(
+        len(tokenizer),
         hidden_size=spec.hidden_size,
         intermediate_size=spec.intermediate_size,
-        num_hidden_layers=spec.layers,
-        num_attention_heads=spec.heads,
-        num_key_value_heads=spec.kv_heads,
-        tie_word_embeddings=True,
-        max_position_embeddings=512,
+        layers=spec.layers,
+        heads=spec.heads,
+        kv_heads=spec.kv_heads,
     )
     model = Qwen2(config, rngs=nnx.Rngs(spec.seed))
     print(f"model B: SFT of a {spec.layers}-layer, {spec.hidden_size}-wide Qwen2 for {spec.steps} steps", flush=True)
