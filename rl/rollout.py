@@ -48,14 +48,25 @@ class Rollout(NamedTuple):
 
 
 def row_keys(seed: int, step: int, sample_ids: Sequence[str], num_generations: int) -> jax.Array:
-    """One sampling key per completion, from (seed, step, sample id, generation index).
+    """One sampling key per completion, from (seed, step, sample id, occurrence, generation index).
 
     A completion's tokens then depend on neither its batch neighbours nor the host it is sampled on, so a
-    multi-host or resumed run draws exactly what a single uninterrupted run draws.
+    multi-host or resumed run draws exactly what a single uninterrupted run draws. A sample id listed
+    twice (a batch that straddles an epoch boundary) gets fresh keys for its second occurrence, so the
+    two groups differ; a first occurrence's keys are those of an id listed once.
     """
     base = jax.random.fold_in(jax.random.key(seed), step)
     ids = np.array([int(hashlib.sha1(s.encode()).hexdigest()[:7], 16) for s in sample_ids], np.uint32)
     per_sample = jax.vmap(jax.random.fold_in, in_axes=(None, 0))(base, jnp.asarray(ids))
+    seen: dict[str, int] = {}
+    occurrence = np.zeros(len(sample_ids), np.uint32)
+    for i, sample_id in enumerate(sample_ids):
+        occurrence[i] = seen.get(sample_id, 0)
+        seen[sample_id] = int(occurrence[i]) + 1
+    repeats = np.flatnonzero(occurrence)
+    if repeats.size:
+        again = jax.vmap(jax.random.fold_in)(per_sample[repeats], jnp.asarray(occurrence[repeats]))
+        per_sample = per_sample.at[repeats].set(again)
     per_row = jnp.repeat(per_sample, num_generations)
     return jax.vmap(jax.random.fold_in)(per_row, jnp.tile(jnp.arange(num_generations), len(sample_ids)))
 

@@ -138,6 +138,13 @@ def test_row_keys_depend_on_sample_and_generation_not_position():
     assert (a != c).any()
 
 
+def test_row_keys_of_a_repeated_sample_differ_from_its_first_occurrence():
+    once = jax.random.key_data(row_keys(3, 7, ["x", "y"], 2))
+    twice = jax.random.key_data(row_keys(3, 7, ["x", "y", "x", "x"], 2))
+    np.testing.assert_array_equal(twice[:4], once)  # first occurrences keep their keys
+    assert len({tuple(k) for k in twice.tolist()}) == 8  # the repeats draw fresh ones
+
+
 def test_remat_gives_the_same_gradient_and_recomputes_blocks(model):
     graphdef, params = nnx.split(model)
     prompt_ids, prompt_mask = padded_batch([4, 6], 6, VOCAB, side="left", seed=5)
