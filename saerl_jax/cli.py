@@ -260,6 +260,8 @@ def build_parser() -> argparse.ArgumentParser:
     _report_parser(sub)
     _train_parser(sub)
     _eval_parser(sub)
+    for subparser in sub.choices.values():  # --config sets its defaults on the command's own parser
+        subparser.set_defaults(subparser=subparser)
     return parser
 
 
@@ -268,24 +270,27 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.config is not None:
-        args = _apply_config_file(parser, argv, args.config)
+        args = _apply_config_file(parser, argv, args)
     args.run(args)
     return 0
 
 
-def _apply_config_file(parser: argparse.ArgumentParser, argv: list[str], path: Path) -> argparse.Namespace:
-    """Re-parses ``argv`` with the YAML file's keys as defaults, so explicit flags win."""
+def _apply_config_file(
+    parser: argparse.ArgumentParser, argv: list[str], args: argparse.Namespace
+) -> argparse.Namespace:
+    """Re-parses ``argv`` with the YAML file ``args.config``'s keys as defaults, so explicit flags win."""
+    path = args.config
     if not path.is_file():
         parser.error(f"--config {path}: no such file")
     values = yaml.safe_load(path.read_text()) or {}
     if not isinstance(values, dict):
         parser.error(f"--config {path}: expected a mapping of option names to values")
-    subparser = parser._subparsers._group_actions[0].choices[argv[0]]
-    known = {a.dest for a in subparser._actions}
+    # Every option of the command has its dest in the namespace; these are the parser's own bookkeeping.
+    known = set(vars(args)) - {"command", "config", "subparser", "run"}
     unknown = sorted(k.replace("-", "_") for k in values if k.replace("-", "_") not in known)
     if unknown:
         parser.error(f"--config {path}: unknown option(s) {', '.join(unknown)}")
-    subparser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
+    args.subparser.set_defaults(**{k.replace("-", "_"): v for k, v in values.items()})
     return parser.parse_args(argv)
 
 

@@ -68,3 +68,11 @@ def test_yaml_config_with_an_unknown_key_is_refused(tmp_path, capsys):
 def test_demo_names_missing_assets(tmp_path):
     with pytest.raises(FileNotFoundError, match="tokenizer"):
         main(["demo", "--assets", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_yaml_config_cannot_set_the_parsers_own_fields(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("run: nothing\ncommand: train\n")
+    with pytest.raises(SystemExit):
+        main(["demo", "--config", str(config)])
+    assert "unknown option(s) command, run" in capsys.readouterr().err
