@@ -172,7 +172,7 @@ def sae_loss(sae: SparseAutoencoder, x_ND: jax.Array, dead_F: jax.Array, step: j
 
         def auxk_loss(pre_NF, w_dec_FD):
             aux_hat_ND = topk_codes(jnp.where(dead_F, pre_NF, -jnp.inf), k_aux) @ w_dec_FD
-            return _auxk_scale(dead_F, k_aux) * jnp.sum((aux_hat_ND - jax.lax.stop_gradient(err_ND)) ** 2) / total_var
+            return _auxk(aux_hat_ND, err_ND, dead_F, k_aux, total_var)
 
         metrics["auxk"] = jax.lax.cond(
             jnp.any(dead_F), auxk_loss, lambda *_: jnp.zeros((), fvu.dtype), pre_NF, sae.W_dec[...]
@@ -192,8 +192,10 @@ def sae_loss(sae: SparseAutoencoder, x_ND: jax.Array, dead_F: jax.Array, step: j
     return loss, LossAux(metrics, jnp.any(active_NF, axis=0), min_active)
 
 
-def _auxk_scale(dead_F: jax.Array, k_aux: int) -> jax.Array:
-    return jnp.minimum(jnp.sum(dead_F) / k_aux, 1.0)
+def _auxk(aux_hat_ND, err_ND, dead_F: jax.Array, k_aux: int, total_var) -> jax.Array:
+    """AuxK: the dead latents' reconstruction of the main error, scaled by ``min(dead / k_aux, 1)``."""
+    scale = jnp.minimum(jnp.sum(dead_F) / k_aux, 1.0)
+    return scale * jnp.sum((aux_hat_ND - jax.lax.stop_gradient(err_ND)) ** 2) / total_var
 
 
 def _topk_loss(sae: SparseAutoencoder, x_ND: jax.Array, dead_F: jax.Array, cfg: TrainConfig):
@@ -223,7 +225,7 @@ def _topk_loss(sae: SparseAutoencoder, x_ND: jax.Array, dead_F: jax.Array, cfg: 
         aux_pre_NK, aux_indices_NK = selected(aux_pre_NF, k_aux)
         aux_acts_NK = jax.nn.relu(aux_pre_NK)
         aux_hat_ND = sparse_decode(aux_acts_NK, aux_indices_NK, w_dec_FD)
-        return _auxk_scale(dead_F, k_aux) * jnp.sum((aux_hat_ND - jax.lax.stop_gradient(err_ND)) ** 2) / total_var
+        return _auxk(aux_hat_ND, err_ND, dead_F, k_aux, total_var)
 
     # Skipped (exactly 0) while no latent is dead: a top-k and a decode saved on most steps.
     auxk = jax.lax.cond(jnp.any(dead_F), auxk_loss, lambda: jnp.zeros((), fvu.dtype))
