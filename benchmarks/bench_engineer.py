@@ -99,6 +99,8 @@ def build_inputs(directory: Path, args: argparse.Namespace) -> tuple[Path, Path]
     ids = [f"p{i:06d}" for i in range(n)]
     part_size = 1024
     manifest = {"ids": ids, "columns": columns, "part_size": part_size, "latent_ids": list(range(args.latents))}
+    manifest |= {"format_version": 1, "model": "synthetic", "layer": 0, "sae": "synthetic", "options": {}}
+    manifest["dataset"] = {"path": "problems.jsonl"}
     store_dir = directory / "store"
     feature_store.open_store(store_dir, manifest)
     for index, (start, end) in enumerate(feature_store.part_ranges(n, part_size)):
@@ -141,7 +143,7 @@ def _cpu_s() -> float:
 def _install_timers(seconds: dict[str, float], peaks: dict[str, float]) -> list[str]:
     """Wraps the stages of ``run_engineer`` (in this process only) to add into ``seconds`` and ``peaks``;
     returns the stage functions not found (the library moved them: their time shows up under "other")."""
-    from saerl_jax.engineering import probes, quality, run
+    from saerl_jax.engineering import probes, run
     from saerl_jax.engineering.difficulty import DifficultyModel
     from saerl_jax.engineering.diversity import Diversity
     from saerl_jax.engineering.planner import CurriculumPlanner, Plan
@@ -156,8 +158,7 @@ def _install_timers(seconds: dict[str, float], peaks: dict[str, float]) -> list[
         (run, "_labels", "load problems + labels", True),
         (run, "load_problems", "  load_problems", False),
         (QualityFilter, "fit", "quality filter fit", True),
-        (quality, "cross_val_score", "  5-fold CV", False),
-        (QualityFilter, "keep_mask", "quality filter keep_mask", True),
+        (QualityFilter, "score_samples", "quality filter score_samples", True),
         (Diversity, "fit", "diversity fit", True),
         (Diversity, "transform", "diversity transform", True),
         (DifficultyModel, "fit", "difficulty fit", True),

@@ -137,10 +137,8 @@ def parse_args() -> argparse.Namespace:
 
 def prompt_batches(problems: dict[str, Problem], batch_size: int, steps: int, seed: int) -> list[list[Problem]]:
     """The first ``steps`` batches the trainer's ``sampler='shuffle'`` draws (as ``rl.trainer`` builds it)."""
-    sampler = ShuffleSampler(sorted(problems), batch_size, num_epochs=1, seed=seed)
-    if len(sampler.table) < steps:
-        raise ValueError(f"{len(problems)} problems make {len(sampler.table)} batches, fewer than {steps} steps")
-    return [[problems[i] for i in batch] for batch in sampler.table[:steps]]
+    sampler = ShuffleSampler(sorted(problems), batch_size, seed=seed)
+    return [[problems[i] for i in sampler.batch(step)] for step in range(steps)]
 
 
 def make_config(args: argparse.Namespace, prompt_length: int, steps: int) -> GRPOConfig:

@@ -29,10 +29,10 @@ class NoSignalError(RuntimeError):
 
 @dataclasses.dataclass
 class PromptQueue:
-    """Prompts in sampler order, ``count`` at a time whatever the sampler's own batch size.
+    """Sampler batches as rollout prompts: each :meth:`take` is exactly one of this host's sampler records
+    (its slice of one global batch), so a step trains the batches the sampler (the plan) lists, in order.
 
-    Rows left over from a sampler batch are carried to the next step and saved in checkpoints
-    (:meth:`state` / :meth:`restore`), so a resumed run takes the same prompts.
+    ``taken`` and ``truncated`` go into checkpoints with the Grain iterator's state.
     """
 
     iterator: Iterator[dict]
@@ -42,47 +42,39 @@ class PromptQueue:
     fixed: bool = False
     """Pad every batch to ``length`` (equal shapes on every host) instead of to the length bucket of its
     longest prompt (less padding; a few compiles)."""
-    pending: list[dict] = dataclasses.field(default_factory=list)
+    taken: int = 0
+    """Sampler batches taken so far: the stream index of the next one."""
     truncated: int = 0
 
-    def take(self, count: int) -> dict[str, np.ndarray]:
-        """The next ``count`` prompts, left-padded: ``input_ids``, ``attention_mask``, ``ids``,
-        ``final_answer``."""
-        while len(self.pending) < count:
-            try:
-                batch = next(self.iterator)
-            except StopIteration:
-                raise SamplerExhaustedError(
-                    f"the sampler ran out of prompts ({len(self.pending)} left, {count} needed)"
-                ) from None
-            for row in range(len(batch["ids"])):
-                keep = batch["attention_mask"][row].astype(bool)
-                self.pending.append(
-                    {
-                        "input_ids": [int(t) for t in batch["input_ids"][row][keep]],
-                        "id": str(batch["ids"][row]),
-                        "final_answer": str(batch["final_answer"][row]),
-                    }
-                )
-        rows, self.pending = self.pending[:count], self.pending[count:]
-        prompts = [row["input_ids"][-self.length :] for row in rows]
-        self.truncated += sum(len(p) < len(row["input_ids"]) for p, row in zip(prompts, rows, strict=True))
+    def take(self) -> dict[str, np.ndarray]:
+        """The next sampler batch, left-padded: ``input_ids``, ``attention_mask``, ``ids``, ``final_answer``,
+        and ``index`` (its position in the sampler's stream of batches)."""
+        try:
+            batch = next(self.iterator)
+        except StopIteration:
+            raise SamplerExhaustedError(f"the sampler ran out of batches after {self.taken}") from None
+        masks = batch["attention_mask"].astype(bool)
+        rows = [[int(t) for t in ids[keep]] for ids, keep in zip(batch["input_ids"], masks, strict=True)]
+        prompts = [row[-self.length :] for row in rows]
+        self.truncated += sum(len(p) < len(row) for p, row in zip(prompts, rows, strict=True))
         width = self.length if self.fixed else min(self.length, bucket_length(max(len(p) for p in prompts)))
         ids, mask = left_pad(prompts, width, self.pad_id)
+        self.taken += 1
         return {
             "input_ids": ids,
             "attention_mask": mask,
-            "ids": np.array([r["id"] for r in rows]),
-            "final_answer": np.array([r["final_answer"] for r in rows]),
+            "ids": np.array([str(i) for i in batch["ids"]]),
+            "final_answer": np.array([str(a) for a in batch["final_answer"]]),
+            "index": self.taken - 1,
         }
 
-    def state(self) -> list[dict]:
-        """The carried-over rows, JSON-able."""
-        return list(self.pending)
+    def state(self) -> dict[str, int]:
+        """The counters, JSON-able."""
+        return {"taken": self.taken, "truncated": self.truncated}
 
-    def restore(self, pending: list[dict]) -> None:
-        """Puts back rows saved by :meth:`state`."""
-        self.pending = list(pending)
+    def restore(self, state: dict[str, int]) -> None:
+        """Puts back counters saved by :meth:`state`."""
+        self.taken, self.truncated = int(state["taken"]), int(state["truncated"])
 
 
 @dataclasses.dataclass
@@ -110,10 +102,10 @@ def shaped_rewards(
     rewards_B = correct_B.copy()
     if cfg.format_reward_weight:
         rewards_B += cfg.format_reward_weight * np.array([format_reward(c) for c in completions], np.float32)
-    if cfg.overlong_buffer_len:
+    if cfg.overlong_buffer_tokens:
         rewards_B += np.asarray(
             losses.overlong_penalty(
-                rollout.lengths_B, cfg.max_completion_length, cfg.overlong_buffer_len, cfg.overlong_penalty_factor
+                rollout.lengths_B, cfg.max_completion_length, cfg.overlong_buffer_tokens, cfg.overlong_penalty_factor
             )
         )
     return rewards_B, correct_B
@@ -121,55 +113,70 @@ def shaped_rewards(
 
 def collect(
     queue: PromptQueue,
-    local_batch_size: int,
     cfg: GRPOConfig,
     roll: Callable[[dict[str, np.ndarray], int], Rollout],
     decode: Callable[[np.ndarray], list[str]],
     reward_fn: Callable[..., tuple[np.ndarray, np.ndarray]],
+    full: Callable[[int, int], bool] = lambda kept, need: kept >= need,
 ) -> GradedBatch:
-    """Rolls out and grades ``local_batch_size`` prompts; with dynamic sampling, keeps drawing batches of
-    that size and keeps only groups whose rewards differ until ``local_batch_size`` groups are found.
+    """Rolls out and grades the next sampler batch (this host's slice of the step's planned batch).
+
+    With dynamic sampling (DAPO), groups whose ``cfg.filter_groups_metric`` (accuracy by default, as in
+    the DAPO paper and verl; or the shaped reward) is equal across all G completions are dropped, and the
+    step refills from the batches that follow the planned one in the sampler's order (for a plan: its
+    neighbours, same stage and nearby clusters), one whole batch per draw: groups with signal are taken in
+    batch order until the step holds as many groups as the planned batch; the rest of the last draw is
+    discarded (as in verl), so the next step starts at the next unused batch.
 
     Args:
-      queue: where prompts come from.
-      local_batch_size: prompts (groups) this host contributes.
-      cfg: G, dynamic sampling and its draw limit.
+      queue: where sampler batches come from.
+      cfg: G, dynamic sampling, its metric and its draw limit.
       roll: ``(prompts, draw index) -> Rollout`` of ``len(prompts) * G`` rows.
       decode: completion token rows -> texts.
       reward_fn: ``(completions, answers, rollout) -> (rewards_B, correct_B)``.
+      full: ``(kept, needed) -> whether the step is full``; on several hosts it must be true on every host
+        at once (each host then draws the same batches of the stream).
+
+    Returns:
+      The graded batch; its ``stats`` hold ``batch_index`` (the planned batch's place in the stream),
+      ``gen_batches`` (batches drawn), ``planned_share`` (share of the kept groups from the planned batch),
+      ``groups_filtered`` and ``frac_reward_zero_std`` (of the planned batch).
 
     Raises:
-      NoSignalError: dynamic sampling drew ``max_num_gen_batches`` batches without filling the batch.
+      NoSignalError: dynamic sampling drew ``max_num_gen_batches`` batches without filling the step.
     """
     g = cfg.num_generations
     parts: list[tuple[Rollout, np.ndarray, np.ndarray, list[str]]] = []
-    kept = drawn = dropped = 0
+    kept = drawn = dropped = need = 0
     stats: dict[str, Any] = {}
-    while kept < local_batch_size:
+    while drawn == 0 or not full(kept, need):
         if drawn == cfg.max_num_gen_batches:
             raise NoSignalError(
-                f"dynamic sampling kept {kept} of the {local_batch_size} groups needed after {drawn} batches "
-                f"(max_num_gen_batches={cfg.max_num_gen_batches}): every other group had equal rewards; "
-                "raise max_num_gen_batches, G, or the temperature, or use easier or harder data"
+                f"dynamic sampling kept {kept} of the {need} groups needed after {drawn} batches "
+                f"(max_num_gen_batches={cfg.max_num_gen_batches}): every other group had equal "
+                f"{cfg.filter_groups_metric}; raise max_num_gen_batches, G, or the temperature, or use easier or "
+                "harder data"
             )
-        prompts = queue.take(local_batch_size)
+        prompts = queue.take()
         rollout = roll(prompts, drawn)
         answers = list(np.repeat(prompts["final_answer"], g))
         rewards_B, correct_B = reward_fn(decode(rollout.completion_ids_BN), answers, rollout)
         if drawn == 0:
+            need = len(prompts["ids"])
             std = np.asarray(losses.group_reward_std(rewards_B, g))
-            stats["frac_reward_zero_std"] = float(np.mean(std == 0))
+            stats.update(batch_index=prompts["index"], frac_reward_zero_std=float(np.mean(std == 0)))
         drawn += 1
-        groups = losses.groups_with_signal(rewards_B, g) if cfg.dynamic_sampling else np.ones(local_batch_size, bool)
+        signal_B = correct_B if cfg.filter_groups_metric == "accuracy" else rewards_B
+        groups = losses.groups_with_signal(signal_B, g) if cfg.dynamic_sampling else np.ones(len(prompts["ids"]), bool)
         dropped += int((~groups).sum())
-        groups = np.flatnonzero(groups)[: local_batch_size - kept]
+        groups = np.flatnonzero(groups)[: need - kept]
         rows = (groups[:, None] * g + np.arange(g)).ravel()
         ids = [str(i) for i in prompts["ids"][groups]]
         parts.append((rollout.select(rows), rewards_B[rows], correct_B[rows], ids))
         kept += len(groups)
-    stats.update(groups_filtered=dropped, gen_batches=drawn)
+    stats.update(groups_filtered=dropped, gen_batches=drawn, planned_share=len(parts[0][3]) / max(kept, 1))
     return GradedBatch(
-        rollout=_concat([p[0] for p in parts]),
+        rollout=_concat([p[0] for p in parts if len(p[3])]),
         rewards_B=np.concatenate([p[1] for p in parts]),
         correct_B=np.concatenate([p[2] for p in parts]),
         sample_ids=[i for p in parts for i in p[3]],

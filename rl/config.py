@@ -17,6 +17,7 @@ from typing import Any, Literal
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceLevel = Literal["token", "sequence"]
 ScaleRewards = Literal["group", "batch", "none"]
+FilterMetric = Literal["accuracy", "reward"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -27,7 +28,7 @@ class GRPOConfig:
     batch_size: int = 8
     """Prompts (groups) per optimizer step, over all hosts."""
     num_generations: int = 4
-    """Completions sampled per prompt (G)."""
+    """Completions sampled per prompt (G >= 2: advantages compare completions of one prompt)."""
     gradient_accumulation_steps: int = 1
     """Micro-batches the update of one step is split into (the batch must divide evenly)."""
     # Sampling.
@@ -57,11 +58,18 @@ class GRPOConfig:
     mask_truncated_completions: bool = False
     """Leave completions that hit the length budget out of the loss."""
     dynamic_sampling: bool = False
-    """Drop groups whose rewards are all equal and refill the batch from the sampler (DAPO)."""
+    """Drop groups whose filter metric is equal across all G completions and refill the step from the
+    sampler batches that follow the planned one (DAPO)."""
+    filter_groups_metric: FilterMetric = "accuracy"
+    """Dynamic sampling keeps a group when this differs across its completions: accuracy (the math reward
+    alone, as in the DAPO paper and verl) or the shaped reward (with format and overlong terms)."""
     max_num_gen_batches: int = 4
     """With dynamic sampling: sampler batches drawn per step at most before giving up with an error."""
-    overlong_buffer_len: int = 0
-    """Soft overlong punishment: length (tokens) of the buffer before the budget; 0 switches it off."""
+    overlong_buffer_len: int | None = 0
+    """Soft overlong punishment: length (tokens) of the buffer before the budget; 0 switches it off; None
+    means ``overlong_buffer_fraction`` of ``max_completion_length``."""
+    overlong_buffer_fraction: float = 0.2
+    """Buffer as a share of the budget when ``overlong_buffer_len`` is None (the DAPO paper: 4,096 of 20,480)."""
     overlong_penalty_factor: float = 1.0
     """Penalty at the full budget."""
     format_reward_weight: float = 0.0
@@ -72,7 +80,7 @@ class GRPOConfig:
     learning_rate: float = 1e-5
     """Peak AdamW learning rate."""
     warmup_steps: int = 0
-    """Linear warmup steps, then constant."""
+    """Linear warmup over this many optimizer updates (each step makes num_iterations of them), then constant."""
     adam_beta1: float = 0.9
     """AdamW beta1."""
     adam_beta2: float = 0.99
@@ -96,6 +104,9 @@ class GRPOConfig:
     remat: bool = False
     """Recompute each decoder block in the backward pass (activation memory about one block instead of
     all of them, for about a third more compute)."""
+    skip_nonfinite_steps: bool = False
+    """Skip (and count in the ``skipped_nonfinite`` metric) an update whose loss, gradients, parameters or
+    optimizer state would be non-finite, instead of stopping the run with an error."""
     seed: int = 0
     """Seeds sampling; the data order has its own seed in the sampler."""
 
@@ -110,10 +121,16 @@ class GRPOConfig:
             "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
             "importance_sampling_level": ("token", "sequence"),
             "scale_rewards": ("group", "batch", "none"),
+            "filter_groups_metric": ("accuracy", "reward"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.num_generations < 2:
+            raise ValueError(
+                f"num_generations must be >= 2, got {self.num_generations}: a group of one completion has no "
+                "advantage (its reward minus the group mean is 0)"
+            )
         rows = self.batch_size * self.num_generations
         if rows % self.gradient_accumulation_steps:
             raise ValueError(
@@ -124,7 +141,9 @@ class GRPOConfig:
             raise ValueError(f"temperature must be > 0 for RL sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
-        if not 0 <= self.overlong_buffer_len <= self.max_completion_length:
+        if not 0 <= self.overlong_buffer_fraction <= 1:
+            raise ValueError(f"overlong_buffer_fraction must be in [0, 1], got {self.overlong_buffer_fraction}")
+        if not 0 <= self.overlong_buffer_tokens <= self.max_completion_length:
             raise ValueError(
                 f"overlong_buffer_len must be in [0, max_completion_length={self.max_completion_length}], "
                 f"got {self.overlong_buffer_len}"
@@ -134,6 +153,13 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.epsilon_high is not None and self.epsilon_high < 0:
             raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+
+    @property
+    def overlong_buffer_tokens(self) -> int:
+        """The overlong buffer in tokens: ``overlong_buffer_len``, or its fraction of the budget when None."""
+        if self.overlong_buffer_len is None:
+            return round(self.overlong_buffer_fraction * self.max_completion_length)
+        return self.overlong_buffer_len
 
     @property
     def rows(self) -> int:
@@ -155,7 +181,7 @@ class DAPOConfig(GRPOConfig):
     epsilon_high: float | None = 0.28
     dynamic_sampling: bool = True
     max_num_gen_batches: int = 10
-    overlong_buffer_len: int = 16
+    overlong_buffer_len: int | None = None
     overlong_penalty_factor: float = 1.0
 
 

@@ -93,6 +93,9 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a rollout batch, accumulated over ``gradient_accumulation_steps``.
 
+    The metric ``nonfinite`` is 1 when the loss or the new parameters / optimizer state hold a non-finite
+    value; with ``skip_nonfinite_steps`` such an update is dropped (``skipped_nonfinite``), the state kept.
+
     Row r goes to micro-batch ``r % A``, so a row-sharded batch splits without moving data. Each micro
     loss is weighted so that the micro losses add up to the loss of the whole batch: by 1 for ``dapo``
     (whose denominator is already the global token count), by ``1 / A`` otherwise.
@@ -118,7 +121,19 @@ def train_step(
     metrics["loss"] = weight * jnp.sum(per_micro["loss"])
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate(cfg)(state.step)
-    return TrainState(params, opt_state, state.step + 1), metrics
+    finite = jnp.isfinite(metrics["loss"]) & _all_finite((params, opt_state))
+    metrics["nonfinite"] = 1.0 - finite
+    new = TrainState(params, opt_state, state.step + 1)
+    if cfg.skip_nonfinite_steps:  # the update is dropped: the state stays as it was
+        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
+        metrics["skipped_nonfinite"] = 1.0 - finite
+    return new, metrics
+
+
+def _all_finite(tree) -> jax.Array:
+    """Whether every floating-point value in ``tree`` is finite (a scalar bool)."""
+    leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
 
 
 def jit_train_step(

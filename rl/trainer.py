@@ -4,14 +4,25 @@ checkpoints that resume exactly, metrics to JSONL and TensorBoard, and a final H
 The loop is thin; the maths lives in :mod:`rl.losses` and :mod:`rl.step`, the data in
 :mod:`rl.collect` and :mod:`saerl_jax.pipeline`. Sampling keys derive from (seed, step, sample id), so
 a resumed or multi-host run draws what one uninterrupted run draws.
+
+A step commits as a whole: the model state, the step counter and the step's metrics row change together,
+after the update and any evaluation have finished and every metric is finite. Checkpoints hold only such
+step-boundary states. Ctrl-C (or SIGTERM) lets the current step finish and commit, saves, and stops; a
+second Ctrl-C stops at once. A step that fails or is stopped before its commit puts the data position
+back (the prompts it drew are drawn again); once its update has been dispatched the old model state is
+gone (donated), so nothing is saved and the latest checkpoint stays the last good one. A resumed run then
+repeats what followed that checkpoint and ends bit-identical to an uninterrupted one.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -36,6 +47,8 @@ from rl.step import TrainState, init_state, jit_train_step, make_optimizer
 from saerl_jax.data.problems import Problem, load_problems
 from saerl_jax.data.prompt import load_tokenizer, stop_ids
 from saerl_jax.engineering.planner import Plan
+from saerl_jax.errors import UserError
+from saerl_jax.features.extract import column_mapping
 from saerl_jax.model import SamplingConfig, load_pretrained, save_pretrained
 from saerl_jax.pipeline import CurriculumSampler, ExternalDifficultySampler, ShuffleSampler, make_loader
 from saerl_jax.sft import greedy_accuracy
@@ -66,14 +79,16 @@ class TrainJob:
     """Held-out problems for greedy accuracy; none evaluated when None."""
     mesh: tuple[int, int, int] = (-1, 1, 1)
     """(data, fsdp, tensor) mesh shape over all devices; -1 fills the data axis."""
-    num_epochs: int | None = None
-    """Sampler epochs; by default enough for ``max_steps`` (times the dynamic-sampling draw limit)."""
     data_seed: int = 0
     """Seed of the shuffled order."""
     resume: bool = False
     """Continue from the latest checkpoint in ``out/checkpoints``."""
     reward_workers: int = 2
     """Grading processes."""
+    column: tuple[str, ...] = ()
+    """``field=column`` mappings for problem files with other column names, e.g. ``question=problem``."""
+    skip_invalid: bool = False
+    """Skip invalid problem rows (reported) instead of stopping at the first."""
     tensorboard: bool = True
     """Also write TensorBoard scalars."""
     progress: bool = True
@@ -84,28 +99,33 @@ class TrainJob:
 
 
 def _sampler(job: TrainJob, problems: dict[str, Problem], cfg: GRPOConfig):
+    """The job's sampler: an endless stream of full batches of ``cfg.batch_size`` ids (one per step, or more
+    with dynamic sampling), so the run length is not part of its identity."""
     shard = grain.ShardOptions(shard_index=jax.process_index(), shard_count=jax.process_count())
     ids = sorted(problems)
-    draws = cfg.max_steps * cfg.batch_size * (cfg.max_num_gen_batches if cfg.dynamic_sampling else 1)
-    epochs = job.num_epochs or max(1, math.ceil(draws / len(ids)))
     if job.sampler == "shuffle":
-        return ShuffleSampler(ids, cfg.batch_size, num_epochs=epochs, seed=job.data_seed, shard_options=shard)
+        return ShuffleSampler(ids, cfg.batch_size, seed=job.data_seed, shard_options=shard)
     if job.sampler == "difficulty":
         unlabelled = [i for i in ids if problems[i].difficulty is None]
         if unlabelled:
-            raise ValueError(f"{job.data}: {len(unlabelled)} problems have no difficulty (first: {unlabelled[0]})")
+            raise UserError(f"{job.data}: {len(unlabelled)} problems have no difficulty (first: {unlabelled[0]})")
         difficulty = [problems[i].difficulty for i in ids]
-        return ExternalDifficultySampler(
-            ids, difficulty, cfg.batch_size, num_epochs=epochs, seed=job.data_seed, shard_options=shard
-        )
+        return ExternalDifficultySampler(ids, difficulty, cfg.batch_size, seed=job.data_seed, shard_options=shard)
     if job.sampler == "plan":
         if job.plan is None:
-            raise ValueError("sampler='plan' needs a plan (saerl engineer writes plan.json)")
+            raise UserError("sampler='plan' needs a plan (saerl engineer writes plan.json)")
         path = job.plan / "plan.json" if job.plan.is_dir() else job.plan
         plan = Plan.load(path)
-        epochs = job.num_epochs or max(1, math.ceil(draws / max(1, len(plan.ids()))))
-        return CurriculumSampler(plan, num_epochs=epochs, seed=job.data_seed, shard_options=shard)
-    raise ValueError(f"sampler must be plan, shuffle or difficulty, got {job.sampler!r}")
+        sizes = sorted({len(batch) for batch in plan.batches})
+        if sizes != [cfg.batch_size]:
+            planned = "/".join(str(size) for size in sizes)
+            raise UserError(
+                f"{path}: the plan's batches hold {planned} ids but batch_size={cfg.batch_size}; a step trains "
+                f"exactly one plan batch, so re-plan with saerl engineer --batch-size {cfg.batch_size} or train "
+                f"with --batch-size {sizes[-1]}"
+            )
+        return CurriculumSampler(plan, seed=job.data_seed, shard_options=shard)
+    raise UserError(f"sampler must be plan, shuffle or difficulty, got {job.sampler!r}")
 
 
 def _gather(x: np.ndarray) -> np.ndarray:
@@ -132,6 +152,30 @@ def _host_params(params):
     return jax.tree.map(np.asarray, multihost_utils.process_allgather(params, tiled=True))
 
 
+class StopRequests:
+    """While installed (main thread only), SIGINT and SIGTERM do not interrupt: the first one asks the loop
+    to stop after the current step (``requested`` names it); a second raises ``KeyboardInterrupt`` at once."""
+
+    def __init__(self):
+        self.requested: str | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> StopRequests:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {sig: signal.signal(sig, self._handle) for sig in (signal.SIGINT, signal.SIGTERM)}
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        if self.requested is not None:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f"\n{self.requested}: finishing the current step, then saving (Ctrl-C again stops at once)", flush=True)
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
 class Trainer:
     """Holds a run's model, data, mesh and checkpoint manager; :meth:`train` is the loop."""
 
@@ -139,10 +183,11 @@ class Trainer:
         self.job, self.cfg = job, job.config
         cfg = self.cfg
         if cfg.batch_size % jax.process_count():
-            raise ValueError(f"batch_size={cfg.batch_size} does not split over {jax.process_count()} processes")
-        self.local_batch_size = cfg.batch_size // jax.process_count()
+            raise UserError(f"batch_size={cfg.batch_size} does not split over {jax.process_count()} processes")
         self.tokenizer = load_tokenizer(job.tokenizer or job.model)
-        self.problems = {p.id: p for p in load_problems(job.data).problems}
+        columns = column_mapping(job.column) or None
+        loaded = load_problems(job.data, columns=columns, skip_invalid=job.skip_invalid)
+        self.problems = {p.id: p for p in loaded.problems}
         self.eval_rows = []
         if job.eval_data is not None:
             rows = load_problems(job.eval_data, limit=cfg.eval_limit).problems
@@ -176,15 +221,18 @@ class Trainer:
         )
         self.grader = RewardGrader(workers=job.reward_workers, timeout_s=cfg.reward_timeout_s)  # starts on first use
         self.step = 0
+        self.consistent = True
+        """Whether ``state``, ``step`` and the data position form a step-boundary state (saveable)."""
         self.resumed = job.resume and self.manager.latest_step() is not None
         if self.resumed:
             self._restore(self.manager.latest_step())
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def _save(self) -> None:
-        # Every host's carried-over prompts: only the primary host writes JSON items.
-        queues = _gather_json({"pending": self.queue.state(), "truncated": self.queue.truncated})
-        meta = {"step": self.step, "queues": queues, "config": self.cfg.to_dict()}
+        if not self.consistent:
+            raise RuntimeError(f"step {self.step + 1} is under way: only step-boundary states are saved")
+        # Every host's data counters: only the primary host writes JSON items.
+        meta = {"step": self.step, "queues": _gather_json(self.queue.state()), "config": self.cfg.to_dict()}
         self.manager.save(
             self.step,
             args=ocp.args.Composite(
@@ -196,14 +244,18 @@ class Trainer:
 
     def _restore(self, step: int) -> None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
-        restored = self.manager.restore(
-            step,
-            args=ocp.args.Composite(
-                state=ocp.args.StandardRestore(abstract),
-                data=grain.PyGrainCheckpointRestore(self.iterator),
-                meta=ocp.args.JsonRestore(),
-            ),
-        )
+        where = self.job.out / "checkpoints" / str(step)
+        try:
+            restored = self.manager.restore(
+                step,
+                args=ocp.args.Composite(
+                    state=ocp.args.StandardRestore(abstract),
+                    data=grain.PyGrainCheckpointRestore(self.iterator),
+                    meta=ocp.args.JsonRestore(),
+                ),
+            )
+        except ValueError as err:  # Grain: another sampler (order, batch size or host count)
+            raise UserError(f"{where}: the checkpoint does not match this run's data: {err}") from None
         saved = config_from_dict(restored.meta["config"])
         changed = [
             f.name
@@ -211,16 +263,16 @@ class Trainer:
             if f.name not in RESUMABLE_FIELDS and getattr(saved, f.name) != getattr(self.cfg, f.name)
         ]
         if type(saved) is not type(self.cfg) or changed:
-            raise ValueError(
+            raise UserError(
                 f"{self.job.out}: the checkpoint was made with a different config "
                 f"({', '.join(changed) or type(saved).__name__}); resume with the same settings or a new --out"
             )
+        queue = restored.meta["queues"][jax.process_index()]
+        if "taken" not in queue:
+            raise UserError(f"{where}: written by an older saerl train (prompt queue layout); start a new --out")
         self.state = TrainState(*restored.state)
         self.step = int(restored.meta["step"])
-        # (Grain has already refused a checkpoint written by a different number of processes.)
-        queue = restored.meta["queues"][jax.process_index()]
-        self.queue.restore(queue["pending"])
-        self.queue.truncated = int(queue["truncated"])
+        self.queue.restore(queue)
 
     # --- one step ----------------------------------------------------------------------------------------
     def _roll(self, prompts: dict[str, np.ndarray], draw: int, params):
@@ -245,6 +297,16 @@ class Trainer:
     def _decode(self, tokens_BN: np.ndarray) -> list[str]:
         return self.tokenizer.batch_decode(tokens_BN.tolist(), skip_special_tokens=True)
 
+    def _collect(self) -> GradedBatch:
+        roll = functools.partial(self._roll, params=_host_params(self.state.params))
+        grade = self.job.reward or self.grader
+        reward_fn = functools.partial(shaped_rewards, cfg=self.cfg, grade=grade, format_reward=format_reward)
+
+        def full(kept: int, need: int) -> bool:  # every host's part of the step is full
+            return bool(_gather(np.array([kept - need])).min() >= 0)
+
+        return collect(self.queue, self.cfg, roll, self._decode, reward_fn, full=full)
+
     def _batch(self, graded: GradedBatch) -> dict[str, jax.Array]:
         r = graded.rollout
         host = {
@@ -265,24 +327,34 @@ class Trainer:
             batch["old_logp_BN"] = logp(self.state.params, *args)
         return batch
 
-    def train_one_step(self) -> tuple[dict[str, float], list[str]]:
-        """Rollout, grading and ``num_iterations`` updates; returns the step's metrics and this host's
-        sample ids in batch order."""
+    def run_step(self) -> tuple[TrainState, dict[str, float], list[str]]:
+        """Rollout, grading, ``num_iterations`` updates and any evaluation of step ``self.step + 1``.
+
+        Returns the new state, the step's metrics row and this host's sample ids in batch order, without
+        committing them (see :meth:`commit`). If it fails before the update, the data position is put back;
+        from the update on, ``consistent`` is False until the commit.
+
+        Raises:
+          FloatingPointError: a metric, the parameters or the optimizer state came out non-finite (unless
+            ``skip_nonfinite_steps``); names the step and the first such metric.
+        """
         started = time.perf_counter()
-        params = _host_params(self.state.params)
-        roll = functools.partial(self._roll, params=params)
-        grade = self.job.reward or self.grader
-        reward_fn = functools.partial(shaped_rewards, cfg=self.cfg, grade=grade, format_reward=format_reward)
-        graded = collect(self.queue, self.local_batch_size, self.cfg, roll, self._decode, reward_fn)
+        position = self.iterator.get_state(), self.queue.state()
+        try:
+            graded = self._collect()
+            batch = self._batch(graded)
+        except BaseException:
+            self.iterator.set_state(position[0])
+            self.queue.restore(position[1])
+            raise
         rolled = time.perf_counter()
-        batch = self._batch(graded)
+        self.consistent = False  # the update donates the buffers of the step-boundary state
+        state = self.state
         for _ in range(self.cfg.num_iterations):
-            self.state, metrics = self.step_fn(self.state, batch)
+            state, metrics = self.step_fn(state, batch)
         metrics = {name: float(value) for name, value in metrics.items()}
-        if not math.isfinite(metrics["loss"]):
-            raise FloatingPointError(f"step {self.step + 1}: the loss is {metrics['loss']} (lower the learning rate?)")
+        self._check_finite(metrics)
         done = time.perf_counter()
-        self.step += 1
         row = {
             **metrics,
             **self._rollout_metrics(graded),
@@ -290,29 +362,55 @@ class Trainer:
             "update_s": done - rolled,
             "tokens_per_s": float(_gather(graded.rollout.lengths_B).sum()) / (done - started),
         }
-        return row, graded.sample_ids
+        step, cfg = self.step + 1, self.cfg
+        if self.eval_rows and (step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
+            row["eval_accuracy"] = self.evaluate(state.params)
+        return state, row, graded.sample_ids
+
+    def _check_finite(self, metrics: dict[str, float]) -> None:
+        if self.cfg.skip_nonfinite_steps:
+            return
+        bad = [name for name in ("loss", *sorted(metrics)) if not math.isfinite(metrics[name])]
+        if not bad and metrics["nonfinite"]:
+            bad = ["nonfinite"]
+        if bad:
+            what = "the parameters or optimizer state" if bad[0] == "nonfinite" else f"{bad[0]}={metrics[bad[0]]}"
+            raise FloatingPointError(
+                f"step {self.step + 1}: {what} came out non-finite; nothing of this step is saved (the latest "
+                f"checkpoint, step {self.manager.latest_step()}, is the last good one); lower the learning rate or "
+                "set skip_nonfinite_steps"
+            )
+
+    def commit(self, state: TrainState, row: dict[str, float], sample_ids: list[str], log: MetricsLog) -> None:
+        """Makes a step from :meth:`run_step` the current one: state, step counter and metrics row together."""
+        self.state, self.step = state, self.step + 1
+        log.write(self.step, row, sample_ids)
+        self.consistent = True
 
     def _rollout_metrics(self, graded: GradedBatch) -> dict[str, float]:
         rewards, correct = _gather(graded.rewards_B), _gather(graded.correct_B)
         lengths, truncated = _gather(graded.rollout.lengths_B), _gather(graded.rollout.truncated_B)
-        # Counts of every host: summed, except the fraction (hosts hold equal numbers of groups) and the
-        # draws (the slowest host's).
+        # Counts of every host: summed, except fractions (hosts hold equal numbers of groups) and what every
+        # host shares (the batch drawn, the number of draws).
         local = {**graded.stats, "reward_timeouts": self.grader.timeouts, "prompts_truncated": self.queue.truncated}
         names = sorted(local)
-        stats_SH = _gather(np.array([[local[k] for k in names]], np.float32)).T
-        combine = {"frac_reward_zero_std": np.mean, "gen_batches": np.max}
+        stats_SH = _gather(np.array([[local[k] for k in names]], np.float64)).T
+        shared = {"frac_reward_zero_std": np.mean, "planned_share": np.mean, "gen_batches": np.max}
+        shared["batch_index"] = np.max
         return {
             "reward_mean": float(rewards.mean()),
             "reward_std": float(rewards.std()),
             "accuracy": float(correct.mean()),
             "completion_length": float(lengths.mean()),
             "truncation_rate": float(truncated.mean()),
-            **{k: float(combine.get(k, np.sum)(v)) for k, v in zip(names, stats_SH, strict=True)},
+            **{k: float(shared.get(k, np.sum)(v)) for k, v in zip(names, stats_SH, strict=True)},
         }
 
-    def evaluate(self) -> float:
-        """Greedy accuracy on the held-out rows (math-verify, same reward as training)."""
-        model = nnx.merge(self.graphdef, _host_params(self.state.params))
+    def evaluate(self, params=None) -> float:
+        """Greedy accuracy on the held-out rows (math-verify, same reward as training) of ``params``
+        (default: the current state's)."""
+        params = self.state.params if params is None else params
+        model = nnx.merge(self.graphdef, _host_params(params))
         accuracy, _ = greedy_accuracy(
             model,
             self.tokenizer,
@@ -336,7 +434,7 @@ class Trainer:
 
     # --- the loop ----------------------------------------------------------------------------------------
     def train(self) -> dict:
-        """Runs to ``max_steps`` (or Ctrl-C), checkpointing and logging; returns the run summary."""
+        """Runs to ``max_steps`` (or a stop request), checkpointing and logging; returns the run summary."""
         cfg, job = self.cfg, self.job
         log = MetricsLog(
             job.out,
@@ -352,32 +450,47 @@ class Trainer:
             disable=not job.progress or jax.process_index() != 0,
         )
         interrupted, saved_at = False, self.step if self.resumed else None
-        try:
-            while self.step < cfg.max_steps:
-                row, sample_ids = self.train_one_step()
-                last = self.step == cfg.max_steps
-                if self.eval_rows and (last or (cfg.eval_steps and self.step % cfg.eval_steps == 0)):
-                    row["eval_accuracy"] = self.evaluate()
-                log.write(self.step, row, sample_ids)
-                bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}", kl=f"{row['kl']:.4f}")
-                bar.update(1)
-                if self.step % cfg.save_steps == 0 or last:
-                    self._save()
-                    saved_at = self.step
-        except KeyboardInterrupt:
-            interrupted = True
-            print(f"\ninterrupted at step {self.step}; saving a checkpoint", flush=True)
-        finally:
-            if saved_at != self.step:
-                self._save()
-            self.manager.wait_until_finished()
-            self.close()
-            log.close()
-            bar.close()
+        with StopRequests() as stop, contextlib.ExitStack() as cleanup:
+            cleanup.callback(bar.close)
+            cleanup.callback(log.close)
+            cleanup.callback(self.close)
+            cleanup.callback(self.manager.wait_until_finished)
+            cleanup.callback(lambda: self._save_on_exit(saved_at))
+            try:
+                while self.step < cfg.max_steps:
+                    state, row, sample_ids = self.run_step()
+                    self.commit(state, row, sample_ids, log)
+                    bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}")
+                    bar.update(1)
+                    if self.step % cfg.save_steps == 0 or self.step == cfg.max_steps:
+                        self._save()
+                        saved_at = self.step
+                    if _any_host(stop.requested is not None) and self.step < cfg.max_steps:
+                        interrupted = True
+                        break
+            except KeyboardInterrupt:
+                interrupted = True
+                print(f"\ninterrupted during step {self.step + 1}", flush=True)
         summary = {"step": self.step, "interrupted": interrupted, "out": str(job.out)}
         if not interrupted:
             summary["hf"] = str(self.export(job.out / "hf"))
         return summary
+
+    def _save_on_exit(self, saved_at: int | None) -> None:
+        if not self.consistent:
+            latest = self.manager.latest_step()
+            print(
+                f"step {self.step + 1} stopped after its update began: nothing of it is saved; the latest "
+                f"checkpoint ({'none' if latest is None else f'step {latest}'}) stays the last good one",
+                flush=True,
+            )
+        elif saved_at != self.step:
+            self._save()
+
+
+def _any_host(flag: bool) -> bool:
+    """Whether ``flag`` is set on any host (so every host leaves the loop at the same step)."""
+    return bool(_gather(np.array([int(flag)])).max())
 
 
 def run_train(job: TrainJob) -> dict:

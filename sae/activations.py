@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
+from saerl_jax.errors import UserError
 from saerl_jax.model import Qwen2, forward, pad_sequences
 
 
@@ -21,7 +22,7 @@ class ArraySource:
 
     def __init__(self, acts_ND: np.ndarray, batch_size: int, seed: int = 0):
         if acts_ND.ndim != 2 or acts_ND.shape[0] < batch_size:
-            raise ValueError(f"need a [N, D] array with N >= batch_size={batch_size}, got shape {acts_ND.shape}")
+            raise UserError(f"need a [N, D] array with N >= batch_size={batch_size}, got shape {acts_ND.shape}")
         self.acts_ND, self.batch_size, self.seed = acts_ND, batch_size, seed
         self.d_in = acts_ND.shape[1]
 
@@ -49,7 +50,7 @@ def load_activation_shards(directory: str | os.PathLike) -> np.ndarray:
     widths = {s.shape[1] if s.ndim == 2 else None for s in shards}
     if len(widths) != 1 or None in widths:
         bad = next(f for f, s in zip(files, shards, strict=True) if s.ndim != 2 or s.shape[1] != shards[0].shape[1])
-        raise ValueError(f"{bad}: shard shape {np.load(bad, mmap_mode='r').shape} does not match {shards[0].shape}")
+        raise UserError(f"{bad}: shard shape {np.load(bad, mmap_mode='r').shape} does not match {shards[0].shape}")
     return np.concatenate(shards, axis=0)
 
 
@@ -86,7 +87,7 @@ class ModelSource:
         seed: int = 0,
     ):
         if not sequences:
-            raise ValueError("no token sequences to stream activations from")
+            raise UserError("no token sequences to stream activations from")
         self.model, self.layer, self.sequences = model, layer, list(sequences)
         self.batch_size, self.special_ids, self.seed = batch_size, tuple(special_ids), seed
         self.sequences_per_round, self.forward_batch = sequences_per_round, forward_batch
@@ -114,7 +115,7 @@ class ModelSource:
             acts_ND = self.round_activations(round_index)
             per_round = acts_ND.shape[0] // self.batch_size
             if per_round == 0:
-                raise ValueError(
+                raise UserError(
                     f"a round of {self.sequences_per_round} sequences gives {acts_ND.shape[0]} activations, fewer "
                     f"than batch_size={self.batch_size}: raise sequences_per_round"
                 )

@@ -11,11 +11,12 @@ import numpy as np
 from flax import nnx
 
 from sae.activations import ArraySource, ModelSource, load_activation_shards, token_mask
-from sae.io import check_matches_model, save
+from sae.io import check_matches_model, saelens_hook_name, save
 from sae.metrics import ce_loss_recovered, reconstruction_metrics
 from sae.model import Architecture, SAEConfig, SAEMetadata, SparseAutoencoder
 from sae.train import TrainConfig, train
 from saerl_jax.data import format_example, load_tokenizer
+from saerl_jax.errors import UserError
 from saerl_jax.io import atomic_write
 from saerl_jax.model import load_pretrained, pad_sequences
 
@@ -75,33 +76,37 @@ def read_documents(path: Path, tokenizer, max_tokens: int) -> list[np.ndarray]:
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{line_no}: not valid JSON ({err})") from err
+                raise UserError(f"{path}:{line_no}: not valid JSON ({err})") from err
             if isinstance(row.get("text"), str):
                 ids = tokenizer.encode(row["text"], add_special_tokens=False)
             elif isinstance(row.get("question"), str) and row["question"]:
                 ids = format_example(tokenizer, row["question"], row.get("r1_solution_1")).input_ids.tolist()
             else:
-                raise ValueError(f"{path}:{line_no}: row has neither a 'text' nor a non-empty 'question' string")
+                raise UserError(f"{path}:{line_no}: row has neither a 'text' nor a non-empty 'question' string")
         else:
-            raise ValueError(f"{path}: unsupported data format {path.suffix!r} (use .txt or .jsonl)")
+            raise UserError(f"{path}: unsupported data format {path.suffix!r} (use .txt or .jsonl)")
         if ids:
             sequences.append(np.asarray(ids[:max_tokens], np.int32))
     if not sequences:
-        raise ValueError(f"{path}: no documents")
+        raise UserError(f"{path}: no documents")
     return sequences
 
 
 def run_train_sae(job: TrainSAEJob) -> dict[str, float]:
     """Trains, saves and evaluates the SAE; prints a metrics table and returns the metrics."""
+    if job.data is None:
+        raise UserError("train-sae needs --data (documents for training and evaluation)")
     model = load_pretrained(job.model)
+    if not 0 < job.layer < model.config.num_hidden_layers:
+        raise UserError(
+            f"--layer {job.layer} is out of range for {job.model} ({model.config.num_hidden_layers} layers)"
+        )
     tokenizer = load_tokenizer(job.tokenizer or job.model)
     special = sorted(set(tokenizer.all_special_ids))
-    if job.data is None:
-        raise ValueError("train-sae needs --data (documents for training and evaluation)")
     sequences = read_documents(job.data, tokenizer, job.max_tokens)
     n_eval = max(1, math.ceil(len(sequences) * job.eval_fraction))
     if len(sequences) <= n_eval:
-        raise ValueError(f"{job.data}: {len(sequences)} documents are too few to hold out {n_eval} for evaluation")
+        raise UserError(f"{job.data}: {len(sequences)} documents are too few to hold out {n_eval} for evaluation")
     train_seqs, eval_seqs = sequences[:-n_eval], sequences[-n_eval:]
     hidden = model.config.hidden_size
     config = SAEConfig(
@@ -112,7 +117,7 @@ def run_train_sae(job: TrainSAEJob) -> dict[str, float]:
         normalize_activations="expected_average_only_in" if job.normalize_activations else "none",
         metadata=SAEMetadata(
             model_name=str(job.model),
-            hook_name=f"model.layers.{job.layer}",
+            hook_name=saelens_hook_name(job.layer),
             hook_layer=job.layer,
             dataset_path=str(job.activations or job.data),
             context_size=job.max_tokens,
@@ -126,7 +131,9 @@ def run_train_sae(job: TrainSAEJob) -> dict[str, float]:
             model, job.layer, train_seqs, batch_size=job.batch_size, special_ids=special, seed=job.seed
         )
     if source.d_in != hidden:
-        raise ValueError(f"activations have width {source.d_in}, but the model's hidden size is {hidden}")
+        raise UserError(
+            f"{job.activations}: activations have width {source.d_in}, but the model's hidden size is {hidden}"
+        )
     sae = SparseAutoencoder(config, rngs=nnx.Rngs(job.seed))
     check_matches_model(sae, hidden, str(job.model))
     cfg = TrainConfig(

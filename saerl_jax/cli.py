@@ -1,4 +1,8 @@
-"""The ``saerl`` command: parses options (YAML config file, then flags) and calls the library."""
+"""The ``saerl`` command: parses options (YAML config file, then flags) and calls the library.
+
+A user error (:class:`~saerl_jax.errors.UserError`, or a missing / unreadable file) ends the command with one
+line ``saerl <command>: error: ...`` on stderr and exit status 1; ``--debug`` shows its traceback instead.
+"""
 
 from __future__ import annotations
 
@@ -16,7 +20,11 @@ from sae.job import TrainSAEJob, run_train_sae
 from saerl_jax.demo import DemoConfig, run_demo
 from saerl_jax.engineering.report import render_report
 from saerl_jax.engineering.run import EngineerJob, run_engineer
+from saerl_jax.errors import UserError
 from saerl_jax.features.extract import ExtractJob, run_extract
+
+# Errors that are the user's to fix: reported in one line unless --debug.
+_USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
 
 
 def _add_config_option(parser: argparse.ArgumentParser) -> None:
@@ -86,6 +94,12 @@ def _extract_parser(sub) -> None:
     p.add_argument("--n-latents", type=int, default=d.n_latents, help="most frequent latents kept (%(default)s)")
     p.add_argument("--latent-ids", type=Path, help="JSON list of latent ids to keep instead")
     p.add_argument("--selection-sample", type=int, help="count latent frequencies on this many problems (all)")
+    p.add_argument(
+        "--prompt-span",
+        choices=["question", "template"],
+        default=d.prompt_span,
+        help="prompt tokens pooled: the question's own, or the whole chat template (%(default)s)",
+    )
     p.add_argument("--solution-field", default=d.solution_field, help="solution pooled (%(default)s)")
     p.add_argument("--max-solution-tokens", type=int, default=d.max_solution_tokens, help="(%(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="sequences per batch (%(default)s)")
@@ -108,17 +122,51 @@ def _engineer_parser(sub) -> None:
     p.add_argument("--out", type=Path, help="output directory (plan.json, report.json, plan.png)")
     p.add_argument("--n-clusters", type=int, default=d.n_clusters, help="clusters (%(default)s)")
     p.add_argument("--n-labelled", type=int, default=d.n_labelled, help="difficulty labels used (%(default)s)")
+    p.add_argument(
+        "--n-quality-labelled",
+        type=int,
+        default=d.n_quality_labelled,
+        help="rows whose noise label fits the quality filter, which is applied to the rest (%(default)s)",
+    )
+    p.add_argument(
+        "--max-labelled-fraction",
+        type=float,
+        default=d.max_labelled_fraction,
+        help="cap on each labelled subset (quality, difficulty) as a share of its pool, 1 lifts it (%(default)s)",
+    )
     p.add_argument("--difficulty", choices=["sae", "external"], default=d.difficulty, help="(%(default)s)")
     p.add_argument("--quality-threshold", type=float, default=d.quality_threshold, help="(%(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="plan batch size (%(default)s)")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=d.batch_size,
+        help="ids per plan batch; must equal the trainer's global batch size, saerl train --batch-size (%(default)s)",
+    )
     p.add_argument("--n-stages", type=int, default=d.n_stages, help="curriculum stages (%(default)s)")
-    p.add_argument("--mixing-ratio", type=float, default=d.mixing_ratio, help="(%(default)s)")
-    p.add_argument("--no-sort", dest="sort", action="store_false", help="ablation: no easy-to-hard sorting")
-    p.add_argument("--no-cluster", dest="cluster", action="store_false", help="ablation: no cluster-first batches")
-    p.add_argument("--order", choices=["curriculum", "random"], default=d.order, help="(%(default)s)")
+    p.add_argument("--mixing-ratio", type=float, default=d.mixing_ratio, help="0: no-mixing ablation (%(default)s)")
+    p.add_argument(
+        "--no-sort",
+        dest="sort",
+        action="store_false",
+        help="ablation: no easy-to-hard order at all (random stages and order); clusters and mixing stay",
+    )
+    p.add_argument(
+        "--no-cluster",
+        dest="cluster",
+        action="store_false",
+        help="ablation: no cluster batches (so no mixing); difficulty stages and order stay",
+    )
+    p.add_argument(
+        "--order",
+        choices=["curriculum", "random"],
+        default=d.order,
+        help="random: the vanilla baseline, one seeded shuffle of the kept rows (%(default)s)",
+    )
     p.add_argument("--no-probes", dest="probes", action="store_false", help="skip the probe report")
     p.add_argument("--probe-sample", type=int, default=d.probe_sample, help="rows the probes use (%(default)s)")
     p.add_argument("--dense-store", type=Path, help="a saerl extract --dense store to probe beside the SAE codes")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid problem rows, as saerl extract does")
+    p.add_argument("--column", action="append", default=[], help="FIELD=COLUMN mapping as in saerl extract, repeatable")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
     p.set_defaults(run=lambda args: run_engineer(_to_config(EngineerJob, args)))
 
@@ -146,6 +194,8 @@ def _train_parser(sub) -> None:
     )
     p.add_argument("--plan", type=Path, help="plan.json or its directory (saerl engineer), for --sampler plan")
     p.add_argument("--eval-data", type=Path, help="held-out problems for greedy accuracy")
+    p.add_argument("--skip-invalid", action="store_true", help="skip invalid rows (reported) instead of stopping")
+    p.add_argument("--column", action="append", default=[], help="FIELD=COLUMN mapping, repeatable")
     p.add_argument(
         "--mesh",
         type=int,
@@ -154,7 +204,6 @@ def _train_parser(sub) -> None:
         metavar=("DATA", "FSDP", "TENSOR"),
         help="device mesh over all devices; -1 fills the data axis (-1 1 1)",
     )
-    p.add_argument("--num-epochs", type=int, help="sampler epochs (default: enough for max_steps)")
     p.add_argument("--data-seed", type=int, default=0, help="seed of the shuffled order (%(default)s)")
     p.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --out")
     p.add_argument("--reward-workers", type=int, default=2, help="grading processes (%(default)s)")
@@ -190,7 +239,7 @@ def _run_train(args: argparse.Namespace) -> None:
     try:
         config = ALGOS[args.algo](**overrides)
     except ValueError as err:
-        raise SystemExit(f"saerl train: {err}") from None
+        raise _as_user_error(err) from err
     job = _to_config(TrainJob, argparse.Namespace(**{**vars(args), "config": config, "mesh": tuple(args.mesh)}))
     summary = run_train(job)
     print(f"wrote {summary['out']} (metrics.jsonl, checkpoints/{', hf/' if 'hf' in summary else ''})")
@@ -232,7 +281,7 @@ example:
         try:
             results = run_eval(_to_config(EvalJob, args))
         except ValueError as err:  # bad options or benchmark files (errors name the file, row and field)
-            raise SystemExit(f"saerl eval: {err}") from None
+            raise _as_user_error(err) from err
         print(f"wrote {args.out / 'results.json'}, {args.out / 'results.md'} ({len(results['benchmarks'])} benchmarks)")
 
     p.set_defaults(run=run)
@@ -245,13 +294,22 @@ def _to_config(cls, args: argparse.Namespace):
     missing = [name for name in required if getattr(args, name, None) is None]
     if missing:
         options = ", ".join("--" + name.replace("_", "-") for name in missing)
-        raise SystemExit(f"saerl {args.command}: missing required option(s) {options} (flag or --config file)")
+        raise UserError(f"missing required option(s) {options} (flag or --config file)")
     values = {f.name: getattr(args, f.name) for f in fields if hasattr(args, f.name)}
-    return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    try:
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in values.items()})
+    except ValueError as err:  # the options' own checks (__post_init__)
+        raise _as_user_error(err) from err
+
+
+def _as_user_error(err: ValueError) -> UserError:
+    """``err`` itself if it is a :class:`UserError`, else one with its message."""
+    return err if isinstance(err, UserError) else UserError(str(err))
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="saerl", description="SAE-guided data engineering for RL post-training")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of a user error")
     sub = parser.add_subparsers(dest="command", required=True)
     _demo_parser(sub)
     _train_sae_parser(sub)
@@ -262,17 +320,35 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     for subparser in sub.choices.values():  # --config sets its defaults on the command's own parser
         subparser.set_defaults(subparser=subparser)
+        # SUPPRESS: when not given after the command, the global --debug's value stands.
+        subparser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Runs ``saerl``; a user error raises ``SystemExit`` with its one-line message (exit status 1)."""
     parser = build_parser()
     argv = sys.argv[1:] if argv is None else argv
     args = parser.parse_args(argv)
     if args.config is not None:
         args = _apply_config_file(parser, argv, args)
-    args.run(args)
+    try:
+        args.run(args)
+    except _USER_ERRORS as err:
+        if args.debug:
+            raise
+        raise SystemExit(f"saerl {args.command}: error: {_one_line(err)}") from None
     return 0
+
+
+def _one_line(err: Exception) -> str:
+    """The error's message on one line; an ``OSError`` from ``open`` says which file."""
+    if isinstance(err, OSError) and err.filename is not None and err.strerror:
+        target = f" -> {err.filename2}" if err.filename2 is not None else ""
+        text = f"{err.filename}{target}: {err.strerror}"
+    else:
+        text = str(err) or type(err).__name__
+    return " ".join(line.strip() for line in text.splitlines())
 
 
 def _apply_config_file(
@@ -286,7 +362,7 @@ def _apply_config_file(
     if not isinstance(values, dict):
         parser.error(f"--config {path}: expected a mapping of option names to values")
     # Every option of the command has its dest in the namespace; these are the parser's own bookkeeping.
-    known = set(vars(args)) - {"command", "config", "subparser", "run"}
+    known = set(vars(args)) - {"command", "config", "subparser", "run", "debug"}
     unknown = sorted(k.replace("-", "_") for k in values if k.replace("-", "_") not in known)
     if unknown:
         parser.error(f"--config {path}: unknown option(s) {', '.join(unknown)}")

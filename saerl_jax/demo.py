@@ -26,7 +26,9 @@ from sae.activations import token_mask
 from sae.metrics import ce_loss_recovered, reconstruction_metrics
 from saerl_jax.data import format_example, load_tokenizer
 from saerl_jax.data.tinymath import DEFAULT_DIR as ASSETS
+from saerl_jax.engineering.planner import Plan
 from saerl_jax.engineering.run import EngineerJob, run_engineer
+from saerl_jax.errors import UserError
 from saerl_jax.features import METADATA_COLUMNS, ExtractJob, load_store, run_extract
 from saerl_jax.io import atomic_write
 from saerl_jax.model import forward, load_pretrained, pad_sequences
@@ -61,8 +63,9 @@ class DemoConfig:
     """Sequences per forward or generate batch."""
     n_clusters: int = 32
     """Clusters of the SAE feature space."""
-    plan_batch_size: int = 64
-    """Problems per curriculum batch."""
+    plan_batch_size: int | None = None
+    """Problems per curriculum batch; None takes ``grpo_batch_size``. GRPO trains one plan batch per step,
+    so with GRPO steps any other value is refused."""
     seed: int = 0
     """Seed of the problem sample."""
     grpo_steps: int = 30
@@ -73,6 +76,18 @@ class DemoConfig:
     """Completions per prompt."""
     grpo_learning_rate: float = 2e-5
     """AdamW learning rate of the GRPO run."""
+
+    def __post_init__(self) -> None:
+        if self.grpo_steps and self.plan_batch_size not in (None, self.grpo_batch_size):
+            raise UserError(
+                f"--plan-batch-size {self.plan_batch_size} differs from --grpo-batch-size {self.grpo_batch_size}: "
+                "GRPO trains one plan batch per step, so the plan must be built with the GRPO batch size"
+            )
+
+    @property
+    def plan_batch(self) -> int:
+        """Problems per curriculum batch: ``plan_batch_size``, or the GRPO batch size."""
+        return self.grpo_batch_size if self.plan_batch_size is None else self.plan_batch_size
 
 
 def _read_jsonl(path: Path) -> list[dict]:
@@ -179,19 +194,55 @@ def _probe_lines(engineering: dict) -> list[str]:
     if "quality" in engineering:
         q = engineering["quality"]
         lines.append(
-            f"quality filter: CV ROC-AUC {q['cv_roc_auc']:.3f}, removes {q['noise_removed']:.1%} of the noise pool, "
-            f"keeps {q['clean_kept']:.1%} of clean problems"
+            f"quality filter, out of sample: fitted on {q['n_labelled']} labelled problems (CV ROC-AUC "
+            f"{q['cv_roc_auc']:.3f} out of fold), applied to the other {q['n_heldout']}: ROC-AUC "
+            f"{_maybe(q['heldout_roc_auc'], '.3f')}, removes {_maybe(q['noise_removed'], '.1%')} of their noise, "
+            f"keeps {_maybe(q['clean_kept'], '.1%')} of their clean problems (labelled ones go by their label)"
         )
     if "difficulty" in engineering:
         d = engineering["difficulty"]
         before = d["spearman_uncalibrated"]
-        lines.append(f"difficulty proxy: held-out Spearman {d['spearman']:.3f} (before calibration {before:.3f})")
+        lines.append(
+            f"difficulty proxy: held-out Spearman {d['spearman']:.3f} (before calibration {before:.3f}); "
+            f"{_maybe(d['spearman_unlabelled'], '.3f')} on the {d['n_unlabelled']} problems whose label it "
+            f"did not use ({d['n_train'] + d['n_test']} labels used)"
+        )
     plan = engineering["plan"]
     lines.append(
         f"plan: {plan['n_batches']} batches, {plan['mean_distinct_clusters']:.1f} clusters per batch, "
         f"difficulty monotonicity {plan['difficulty_monotonicity']:.3f}"
     )
     return lines
+
+
+def _maybe(value: float | None, spec: str) -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _trained_batches(run_dir: Path, plan_dir: Path, steps: int = 5) -> list[dict]:
+    """The first ``steps`` trained batches (``batches.jsonl`` line i holds step i + 1's ids) beside the plan
+    batch of the same index: its stage, cluster histogram, mean difficulty and whether the ids match."""
+    path = run_dir / "batches.jsonl"
+    if not path.is_file():
+        return []
+    plan = Plan.load(plan_dir / "plan.json")
+    rows = []
+    for line in path.read_text().splitlines()[:steps]:
+        record = json.loads(line)
+        index = record["step"] - 1
+        if index >= len(plan.batches):
+            break
+        stat = plan.stats[index]
+        rows.append(
+            {
+                "step": record["step"],
+                "as_planned": sorted(record["ids"]) == sorted(plan.batches[index]),
+                "stage": stat["stage"],
+                "cluster_hist": stat["cluster_hist"],
+                "mean_difficulty": stat["mean_difficulty"],
+            }
+        )
+    return rows
 
 
 def _grpo_stage(cfg: DemoConfig, model_dir: Path, data: Path, tokenizer, held_out: list[dict]) -> dict:
@@ -228,6 +279,7 @@ def _grpo_stage(cfg: DemoConfig, model_dir: Path, data: Path, tokenizer, held_ou
         "reward": [row["reward_mean"] for row in rows],
         "kl": [row["kl"] for row in rows],
         "completion_length": [row["completion_length"] for row in rows],
+        "first_batches": _trained_batches(job.out, cfg.out / "plan"),
     }
 
 
@@ -405,10 +457,30 @@ def _grpo_lines(summary: dict) -> list[str]:
         f"- held-out greedy accuracy: {summary['accuracy']:.3f} before, {grpo['accuracy_after']:.3f} after",
         f"- KL to the initial policy at the end: {grpo['kl'][-1]:.5f}",
         "",
+        *_batch_lines(grpo.get("first_batches", [])),
         "One short run on one seed: a smoke test of the loop, not evidence for or against the curriculum "
         "(that comparison, over seeds, is `scripts/compare_samplers.py`).",
         "",
         "![grpo](grpo.png)",
+        "",
+    ]
+
+
+def _batch_lines(batches: list[dict]) -> list[str]:
+    """The first trained batches against the plan (step s trains plan batch s)."""
+    if not batches:
+        return ["The run wrote no `batches.jsonl`: which plan batches it trained is not shown.", ""]
+    return [
+        "The first steps' batches (from the run's `batches.jsonl`), against the plan batch of the same index:",
+        "",
+        "| step | as planned | stage | clusters (id: problems) | mean difficulty |",
+        "| --- | --- | --- | --- | --- |",
+        *(
+            f"| {b['step']} | {'yes' if b['as_planned'] else 'no'} | {b['stage']} | "
+            + ", ".join(f"{c}: {n}" for c, n in b["cluster_hist"].items())
+            + f" | {b['mean_difficulty']:.2f} |"
+            for b in batches
+        ),
         "",
     ]
 
@@ -446,7 +518,7 @@ def run_demo(cfg: DemoConfig) -> dict:
             data=Path(features["data"]),
             out=cfg.out / "plan",
             n_clusters=cfg.n_clusters,
-            batch_size=cfg.plan_batch_size,
+            batch_size=cfg.plan_batch,
             seed=cfg.seed,
         )
     )
@@ -476,8 +548,10 @@ def run_demo(cfg: DemoConfig) -> dict:
         "accuracy_by_topic": {k: a for k, (a, _) in by_topic.items()},
         "accuracy_by_difficulty": {k: a for k, (a, _) in by_difficulty.items()},
         "features": {k: v for k, v in features.items() if k not in ("projection", "topics")},
-        "engineering": {
-            k: engineering[k] for k in ("quality", "difficulty", "plan", "mixing_sweep", "probes") if k in engineering
+        "engineering": {  # the quality filter's labelled ids stay in plan/report.json
+            k: {f: v for f, v in engineering[k].items() if f != "labelled_ids"}
+            for k in ("quality", "difficulty", "plan", "mixing_sweep", "probes")
+            if k in engineering
         },
         "engineering_lines": _probe_lines(engineering),
         "clusters": engineering["clusters"][:8],

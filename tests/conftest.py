@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +12,8 @@ import pytest
 import tokenizers
 
 from saerl_jax.data import SYSTEM_PROMPT
+
+ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tiny-math"
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -21,6 +26,20 @@ CONFIGS = {
     ),
     "untied-mqa": dict(num_attention_heads=8, num_key_value_heads=1, rope_theta=10000.0, tie_word_embeddings=False),
 }
+
+
+def pytest_configure(config):
+    """A persistent XLA compilation cache for the session: the many trainers and extractions the tests
+    build compile the same programs again (on CPU, compiling dominates their run time). Subprocesses
+    started by tests share it through ``JAX_COMPILATION_CACHE_DIR``."""
+    import jax
+
+    directory = os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="saerl-jax-cache-"))
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
+    jax.config.update("jax_compilation_cache_dir", directory)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 def save_hf_qwen2(directory, *, seed: int = 0, shard: str | None = None, **overrides):
@@ -89,3 +108,22 @@ def save_tiny_tokenizer(directory: Path, special_tokens: list[str]) -> None:
     tokenizer.train_from_iterator(corpus * 10, trainer)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token="<|endoftext|>")
     fast.save_pretrained(directory)
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory):
+    """A random 2-layer Qwen2 over the tiny-math tokenizer, saved by transformers with its tokenizer."""
+    directory = tmp_path_factory.mktemp("policy")
+    save_hf_qwen2(
+        directory,
+        vocab_size=512,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
+    for file in (ASSETS / "tokenizer").iterdir():
+        shutil.copy(file, directory / file.name)
+    return directory

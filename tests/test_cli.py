@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+import sae
 import saerl_jax.cli as cli
 from saerl_jax.cli import main
 from saerl_jax.data.tinymath import DEFAULT_DIR as ASSETS
@@ -15,11 +16,11 @@ from saerl_jax.demo import DemoConfig
 def test_demo_smoke_run_on_a_few_dozen_problems(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--problems", "24", "--eval-problems", "16", "--batch-size", "16"]
-    argv += ["--feature-problems", "200", "--n-clusters", "4", "--plan-batch-size", "16"]
+    argv += ["--feature-problems", "200", "--n-clusters", "4"]
     argv += ["--grpo-steps", "2", "--grpo-batch-size", "4", "--grpo-generations", "2"]
     assert main(argv) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["layer"] == json.loads((ASSETS / "sae" / "cfg.json").read_text())["metadata"]["hook_layer"]
+    assert summary["layer"] == sae.load(ASSETS / "sae").config.metadata.hook_layer == 3
     assert summary["problems"] == 24 and summary["eval_problems"] == 16
     assert 0.0 <= summary["sae"]["fvu"] < 1.0
     assert summary["sae"]["l0"] > 0
@@ -28,11 +29,9 @@ def test_demo_smoke_run_on_a_few_dozen_problems(tmp_path, capsys):
     grpo = summary["grpo"]
     assert grpo["steps"] == 2 and len(grpo["reward"]) == 2 and 0.0 <= grpo["accuracy_after"] <= 1.0
     assert (out / "grpo" / "hf" / "model.safetensors").is_file()
-    plan_ids = {i for batch in json.loads((out / "plan" / "plan.json").read_text())["batches"] for i in batch}
-    trained_ids = [
-        i for line in (out / "grpo" / "batches.jsonl").read_text().splitlines() for i in json.loads(line)["ids"]
-    ]
-    assert len(trained_ids) == 8 and set(trained_ids) <= plan_ids
+    plan = json.loads((out / "plan" / "plan.json").read_text())["batches"]
+    trained = [json.loads(line)["ids"] for line in (out / "grpo" / "batches.jsonl").read_text().splitlines()]
+    assert trained == plan[:2]  # the plan's batches (of the GRPO batch size), in order
     assert summary["features"]["samples"] == 200 and summary["features"]["columns"] == 4 * 240 + 5
     probes = summary["engineering"]["probes"]["sae"]
     assert probes["topic"]["accuracy"]["mean"] > probes["topic"]["majority_baseline"]
@@ -70,5 +69,20 @@ def test_yaml_config_with_an_unknown_key_is_refused(tmp_path, capsys, text, refu
 
 
 def test_demo_names_missing_assets(tmp_path):
-    with pytest.raises(FileNotFoundError, match="tokenizer"):
+    with pytest.raises(SystemExit, match=r"^saerl demo: error: .*tokenizer"):
         main(["demo", "--assets", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_train_and_extract_pass_column_skip_invalid_and_prompt_span(tmp_path, monkeypatch):
+    jobs = []
+    monkeypatch.setattr(cli, "run_train", lambda job: jobs.append(job) or {"out": job.out})
+    monkeypatch.setattr(cli, "run_extract", jobs.append)
+    common = ["--model", str(tmp_path), "--data", str(tmp_path / "p.jsonl"), "--out", str(tmp_path / "o")]
+    mapping = ["--column", "question=problem", "--column", "final_answer=answer", "--skip-invalid"]
+    main(["train", *common, *mapping])
+    main(["extract", *common, "--dense", *mapping, "--prompt-span", "template"])
+    main(["extract", *common, "--dense"])
+    train, extract, default = jobs
+    assert train.column == extract.column == ("question=problem", "final_answer=answer")
+    assert train.skip_invalid and extract.skip_invalid
+    assert (extract.prompt_span, default.prompt_span) == ("template", "question")

@@ -8,10 +8,13 @@ import importlib.util
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
+from scipy import stats as sp_stats
 
+from saerl_jax.engineering.planner import CurriculumPlanner
 from saerl_jax.experiments import aggregate, aggregate_arm, mean_curve, spread, steps_to_target
-from saerl_jax.experiments.ablate import variants
+from saerl_jax.experiments.ablate import ABLATIONS, variants
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -94,6 +97,33 @@ def test_ablation_variants_reuse_arms_for_sweep_ratios_that_are_ablations():
     assert arms["no_sort"] == {"mixing_ratio": 0.25, "sort": False}
     assert arms["no_cluster"] == {"mixing_ratio": 0.25, "cluster": False}
     assert points == {0.0: "no_mixing", 0.1: "mixing_0.1", 0.25: "saerl", 0.5: "mixing_0.5"}
+
+
+def test_each_ablation_arm_removes_what_it_says():
+    # The arms' engineer options are planner switches; measure each plan on 1,200 samples in 6 clusters of
+    # unequal size whose difficulty does not depend on the cluster, 16 per batch, over 20 planner seeds.
+    arms, _ = variants(0.25, (0.0, 0.25))
+    assert set(ABLATIONS) == {"saerl", "no_sort", "no_mixing", "no_cluster"} <= set(arms)
+    rng = np.random.default_rng(0)
+    n, clusters = 1200, rng.choice(6, 1200, p=np.arange(1, 7) / 21)
+    inputs = ([f"s{i:04d}" for i in range(n)], rng.normal(size=n), clusters, rng.integers(5, 300, n))
+    random_distinct = sum(1 - sp_stats.hypergeom.pmf(0, n, c, 16) for c in np.bincount(clusters))
+
+    def summaries(arm: str) -> list[dict]:
+        planners = [CurriculumPlanner(batch_size=16, random_state=seed, **arms[arm]) for seed in range(20)]
+        return [planner.plan(*inputs).summary() for planner in planners]
+
+    def mean(arm: str, key: str) -> float:
+        return float(np.mean([s[key] for s in summaries(arm)]))
+
+    assert mean("saerl", "difficulty_monotonicity") > 0.9
+    assert mean("saerl", "mean_distinct_clusters") < 0.6 * random_distinct
+    assert abs(mean("no_sort", "difficulty_monotonicity")) < 0.1  # no easy-to-hard order left at all
+    assert abs(mean("no_sort", "mean_distinct_clusters") - mean("saerl", "mean_distinct_clusters")) < 0.3
+    assert mean("no_cluster", "mean_distinct_clusters") == pytest.approx(random_distinct, rel=0.05)
+    assert mean("no_cluster", "difficulty_monotonicity") > 0.9
+    assert mean("no_mixing", "mean_cluster_entropy") < 0.5 * mean("saerl", "mean_cluster_entropy")
+    assert mean("no_mixing", "difficulty_monotonicity") > 0.9
 
 
 # --- the scripts, end to end ----------------------------------------------------------------------------

@@ -7,7 +7,7 @@ import json
 
 import numpy as np
 import pytest
-from conftest import save_hf_qwen2
+from conftest import save_hf_qwen2, save_tiny_tokenizer
 from flax import nnx
 from safetensors.numpy import load_file
 
@@ -36,9 +36,7 @@ def world(tmp_path_factory):
     """A random Qwen2 over the tiny-math tokenizer, a random TopK SAE at layer 2, 37 problems."""
     root = tmp_path_factory.mktemp("features")
     save_hf_qwen2(root / "model", vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=3)
-    config = sae_lib.SAEConfig(
-        d_in=64, d_sae=96, k=K, metadata=sae_lib.SAEMetadata(hook_layer=LAYER, hook_name=f"model.layers.{LAYER}")
-    )
+    config = sae_lib.SAEConfig(d_in=64, d_sae=96, k=K, metadata=sae_lib.SAEMetadata(hook_layer=LAYER))
     sae_lib.save(sae_lib.SparseAutoencoder(config, rngs=nnx.Rngs(3)), root / "sae")
     rows = [json.loads(line) for line in (ASSETS / "problems.jsonl").read_text().splitlines()[:37]]
     rows[5]["r1_solution_1"] = None  # a problem without a solution
@@ -62,11 +60,11 @@ def _job(world, out, **overrides) -> ExtractJob:
     return ExtractJob(**(kwargs | overrides))
 
 
-def _numpy_reference(world, latents=None):
+def _numpy_reference(world, latents=None, *, prompt_span="question_span", tokenizer_dir=ASSETS / "tokenizer"):
     """Each sample alone (no padding): capture, numpy TopK encode, mean/max over each span's non-special tokens."""
     root, rows = world
     model = load_pretrained(root / "model")
-    tokenizer = load_tokenizer(ASSETS / "tokenizer")
+    tokenizer = load_tokenizer(tokenizer_dir)
     w = {k: v.astype(np.float64) for k, v in load_file(root / "sae" / "sae_weights.safetensors").items()}
     out = []
     for row in rows:
@@ -80,7 +78,7 @@ def _numpy_reference(world, latents=None):
             values_TK = np.where(pre_TF >= kth_T1, np.maximum(pre_TF, 0.0), 0.0)[:, latents]
         special = np.isin(example.input_ids, tokenizer.all_special_ids)
         pooled = []
-        for start, end in (example.prompt_span, example.solution_span):
+        for start, end in (getattr(example, prompt_span), example.solution_span):
             kept = values_TK[[t for t in range(start, end) if not special[t]]]
             pooled += [kept.mean(0), kept.max(0)] if len(kept) else [np.zeros(values_TK.shape[1])] * 2
         out.append(np.concatenate(pooled))
@@ -97,6 +95,59 @@ def test_pooled_codes_equal_a_numpy_computation(world, tmp_path):
     np.testing.assert_allclose(loaded.features[:, : 4 * 24], expected, atol=2e-4)
     assert loaded.column("has_solution").tolist() == [0.0 if i == 5 else 1.0 for i in range(37)]
     assert loaded.column("solution_tokens")[5] == 0 and np.all(loaded.features[5, 2 * 24 : 4 * 24] == 0)
+
+
+@pytest.mark.parametrize("tokenizer", ["tiny-math", "conftest-bpe"])
+@pytest.mark.parametrize("prompt_span", ["question", "template"])
+def test_prompt_span_pools_the_question_or_the_whole_template(world, tmp_path, tokenizer, prompt_span):
+    tokenizer_dir = ASSETS / "tokenizer"
+    if tokenizer == "conftest-bpe":
+        tokenizer_dir = tmp_path / "tokenizer"
+        save_tiny_tokenizer(tokenizer_dir, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    run_extract(_job(world, tmp_path / "store", tokenizer=tokenizer_dir, prompt_span=prompt_span))
+    loaded = load_store(tmp_path / "store")
+    assert loaded.manifest["options"]["prompt_span"] == prompt_span
+    latents = np.asarray(loaded.manifest["latent_ids"])
+    span = {"question": "question_span", "template": "prompt_span"}[prompt_span]  # FormattedExample's names
+    expected = _numpy_reference(world, latents, prompt_span=span, tokenizer_dir=tokenizer_dir)
+    np.testing.assert_allclose(loaded.features[:, : 4 * 24], expected, atol=2e-4)
+    tok = load_tokenizer(tokenizer_dir)
+    question_tokens = [len(tok.encode(r["question"], add_special_tokens=False)) for r in world[1]]
+    if prompt_span == "question":  # the pooled prompt is the question's own tokens, no template token among them
+        assert loaded.column("prompt_tokens").tolist() == question_tokens
+    else:
+        assert np.all(loaded.column("prompt_tokens") > np.asarray(question_tokens) + 10)
+
+
+def test_store_made_with_the_other_prompt_span_is_refused(world, tmp_path):
+    out = tmp_path / "store"
+    run_extract(_job(world, out, prompt_span="template"))
+    selection = (out / "selection.json").read_text()
+    with pytest.raises(StoreMismatchError, match=rf"{out / 'manifest.json'}: .*options\.prompt_span: store has "):
+        run_extract(_job(world, out))
+    assert (out / "selection.json").read_text() == selection  # refused before anything was rewritten
+
+
+def test_store_made_before_prompt_span_existed_is_refused(world, tmp_path):
+    out = tmp_path / "store"
+    run_extract(_job(world, out, prompt_span="template"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    del manifest["options"]["prompt_span"]  # what a store written before the option looks like
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    for prompt_span in ("question", "template"):
+        with pytest.raises(StoreMismatchError, match=r"options\.prompt_span: store has \(absent\), this run"):
+            run_extract(_job(world, out, prompt_span=prompt_span))
+
+
+def test_features_do_not_depend_on_the_batch_size(world, tmp_path):
+    # outlier_factor=1 drops every token over its reference norm, so a reference taken per batch would show.
+    for batch_size in (1, 5):
+        run_extract(_job(world, tmp_path / f"b{batch_size}", batch_size=batch_size, outlier_factor=1.0))
+    one, five = load_store(tmp_path / "b1"), load_store(tmp_path / "b5")
+    assert one.manifest["latent_ids"] == five.manifest["latent_ids"]
+    np.testing.assert_allclose(five.features, one.features, rtol=1e-5, atol=1e-6)
+    run_extract(_job(world, tmp_path / "all-tokens", batch_size=5))
+    assert not np.allclose(load_store(tmp_path / "all-tokens").features, five.features, atol=1e-3)  # it did cut
 
 
 def test_dense_pooling_equals_numpy(world, tmp_path):
@@ -184,7 +235,11 @@ def test_two_workers_fill_one_store(world, tmp_path):
 
 @pytest.mark.parametrize(
     "change,named",
-    [({"layer": 1}, "layer"), ({"n_latents": 12}, "options"), ({"solution_field": "r1_solution_2"}, "options")],
+    [
+        ({"layer": 1}, "layer"),
+        ({"n_latents": 12}, r"options\.n_latents"),
+        ({"solution_field": "r1_solution_2"}, r"options\.solution_field"),
+    ],
 )
 def test_a_store_made_differently_is_refused(world, tmp_path, change, named):
     run_extract(_job(world, tmp_path / "store"))
@@ -197,7 +252,7 @@ def test_another_sae_is_refused(world, tmp_path):
     run_extract(_job(world, tmp_path / "store"))
     config = sae_lib.load(root / "sae").config
     sae_lib.save(sae_lib.SparseAutoencoder(config, rngs=nnx.Rngs(4)), tmp_path / "other-sae")
-    with pytest.raises(StoreMismatchError, match="sae: store has"):
+    with pytest.raises(StoreMismatchError, match=r"sae\.hash: store has"):
         run_extract(_job(world, tmp_path / "store", sae=tmp_path / "other-sae"))
 
 
@@ -218,8 +273,10 @@ def test_saerl_extract_command_skips_invalid_rows(world, tmp_path, capsys):
     bad.write_text("\n".join(lines) + "\n")
     base = ["extract", "--model", str(root / "model"), "--tokenizer", str(ASSETS / "tokenizer")]
     base += ["--sae", str(root / "sae"), "--data", str(bad), "--n-latents", "8", "--batch-size", "4"]
-    with pytest.raises(ProblemDataError, match=r"with-bad-row.jsonl:3: field 'question' is empty"):
+    with pytest.raises(SystemExit, match=r"^saerl extract: error: .*with-bad-row.jsonl:3: field 'question' is empty"):
         main([*base, "--out", str(tmp_path / "strict")])
+    with pytest.raises(ProblemDataError, match=r"with-bad-row.jsonl:3: field 'question' is empty"):
+        main(["--debug", *base, "--out", str(tmp_path / "strict")])
     assert main([*base, "--out", str(tmp_path / "store"), "--skip-invalid"]) == 0
     printed = capsys.readouterr().out
     assert "skipped 1" in printed and f"wrote {tmp_path / 'store'}" in printed

@@ -53,9 +53,9 @@ def test_train_sae_writes_saelens_files_and_metrics(model_dir, problems, tmp_pat
     assert metrics["l0"] == pytest.approx(8.0)
     cfg = json.loads((out / "cfg.json").read_text())
     assert cfg["architecture"] == "topk" and cfg["d_in"] == 64 and cfg["d_sae"] == 128 and cfg["k"] == 8
-    assert cfg["metadata"]["hook_layer"] == 2 and cfg["normalize_activations"] == "none"
+    assert cfg["metadata"]["hook_name"] == "blocks.1.hook_resid_post" and cfg["normalize_activations"] == "none"
     loaded = sae.load(out)
-    assert loaded.config.metadata.model_name == str(model_dir)
+    assert loaded.config.metadata.model_name == str(model_dir) and loaded.config.metadata.hook_layer == 2
     # A rerun with the same --out resumes from the final checkpoint: no extra steps, same SAE.
     main(_args(model_dir, problems, out, steps=60))
     again = sae.load(out)
@@ -65,5 +65,5 @@ def test_train_sae_writes_saelens_files_and_metrics(model_dir, problems, tmp_pat
 def test_bad_data_row_is_named(model_dir, tmp_path):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"question": "What is 1+1?"}\n{"answer": 3}\n')
-    with pytest.raises(ValueError, match=r"bad\.jsonl:2: row has neither a 'text' nor a non-empty 'question'"):
+    with pytest.raises(SystemExit, match=r"bad\.jsonl:2: row has neither a 'text' nor a non-empty 'question'"):
         main(_args(model_dir, data, tmp_path / "out", steps=1))

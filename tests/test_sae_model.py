@@ -20,7 +20,7 @@ from sae.model import batch_topk_codes
 D, F, K = 24, 48, 5  # non-square (F = 2 D, a whole sparsify expansion factor), so a transpose cannot pass
 VARIANTS = ["topk", "batchtopk", "relu", "jumprelu"]
 SAELENS_NAMES = {"topk": "topk", "batchtopk": "jumprelu", "relu": "standard", "jumprelu": "jumprelu"}
-METADATA = SAEMetadata(model_name="tiny-qwen", hook_name="model.layers.2", hook_layer=2)
+METADATA = SAEMetadata(model_name="tiny-qwen", hook_name="blocks.1.hook_resid_post", hook_layer=2)
 
 
 def _random_params(rng: np.random.Generator, *, threshold: bool) -> dict[str, np.ndarray]:
@@ -217,8 +217,8 @@ def test_save_load_round_trip_is_bit_exact(architecture, apply_b_dec_to_input, t
         assert cfg["k"] == K
     assert {key: cfg["metadata"][key] for key in ("model_name", "hook_name", "hook_layer")} == {
         "model_name": "tiny-qwen",
-        "hook_name": "model.layers.2",
-        "hook_layer": 2,
+        "hook_name": "blocks.1.hook_resid_post",  # capture layer 2 = after block 1, as SAELens names it
+        "hook_layer": 1,
     }
 
     names = ["W_enc", "b_enc", "W_dec", "b_dec"] + (["threshold"] if architecture in ("jumprelu", "batchtopk") else [])
@@ -249,7 +249,7 @@ def test_loads_saelens_directory_written_by_hand(tmp_path):
     _write_saelens(tmp_path, _saelens_cfg(meta=meta), p)
     loaded = sae.load(tmp_path)
     assert loaded.config.architecture == "relu"
-    assert loaded.config.metadata == SAEMetadata(model_name="gpt2", hook_name="blocks.3.hook_resid_post", hook_layer=3)
+    assert loaded.config.metadata == SAEMetadata(model_name="gpt2", hook_name="blocks.3.hook_resid_post", hook_layer=4)
     x = _inputs(16)
     p64 = {name: value.astype(np.float64) for name, value in p.items()}
     codes = np.asarray(loaded.encode(jnp.asarray(x)))

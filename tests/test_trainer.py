@@ -5,23 +5,24 @@ sampling pieces behave."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import transformers
-from conftest import save_hf_qwen2
 from flax import nnx
-from safetensors.numpy import load_file
 
 from rl.collect import NoSignalError, PromptQueue, collect, loss_mask
 from rl.config import DAPOConfig, GRPOConfig, config_from_dict
 from rl.metrics import read_metrics
 from rl.rollout import Rollout
 from rl.trainer import Trainer, TrainJob
+from saerl_jax.data.problems import load_problems
+from saerl_jax.engineering.planner import CurriculumPlanner
+from saerl_jax.errors import UserError
 from saerl_jax.model import forward, load_pretrained
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tiny-math"
@@ -31,25 +32,6 @@ TIMING = {"rollout_s", "update_s", "tokens_per_s"}
 def digit_share(completions, answers):
     """A dense reward a random model can climb: the share of characters that are digits."""
     return [sum(c.isdigit() for c in text) / max(len(text), 1) for text in completions]
-
-
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A random 2-layer Qwen2 over the tiny-math tokenizer, saved by transformers with its tokenizer."""
-    directory = tmp_path_factory.mktemp("policy")
-    save_hf_qwen2(
-        directory,
-        vocab_size=512,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        tie_word_embeddings=True,
-    )
-    for file in (ASSETS / "tokenizer").iterdir():
-        shutil.copy(file, directory / file.name)
-    return directory
 
 
 def _job(model: Path, out: Path, config: GRPOConfig, **overrides) -> TrainJob:
@@ -83,59 +65,25 @@ def test_reward_goes_up_on_a_learnable_task(tiny_model, tmp_path):
     assert last > max(5 * first, 0.5), rewards  # about 0.02 -> 0.9 with this seed
 
 
-class _Interrupted(Trainer):
-    """Presses Ctrl-C once ``stop_at`` steps are done."""
-
-    stop_at = 3
-
-    def train_one_step(self):
-        if self.step == self.stop_at:
-            raise KeyboardInterrupt
-        return super().train_one_step()
-
-
-def _rows(out: Path) -> list[dict]:
-    return [{k: v for k, v in row.items() if k not in TIMING} for row in read_metrics(out)]
-
-
-def test_killed_run_resumes_exactly(tiny_model, tmp_path):
-    cfg = GRPOConfig(
-        batch_size=4,
-        num_generations=4,
-        max_prompt_length=96,
-        max_completion_length=8,
-        beta=0.05,  # the frozen reference is reloaded on resume
-        num_iterations=2,  # old-policy log-probs
-        gradient_accumulation_steps=2,
-        learning_rate=1e-3,
-        max_steps=4,
-        save_steps=2,
+def test_a_step_trains_exactly_one_plan_batch_in_plan_order(tiny_model, tmp_path):
+    problems = load_problems(ASSETS / "problems.jsonl", limit=30).problems
+    ids = [p.id for p in problems]
+    rng = np.random.default_rng(0)
+    plan = CurriculumPlanner(batch_size=4, n_stages=2, mixing_ratio=0.25).plan(
+        ids, [p.difficulty for p in problems], rng.integers(3, size=30), rng.integers(20, 90, size=30)
     )
-    straight, broken = tmp_path / "straight", tmp_path / "broken"
-    Trainer(_job(tiny_model, straight, cfg)).train()
-
-    summary = _Interrupted(_job(tiny_model, broken, cfg)).train()
-    assert summary["interrupted"] and summary["step"] == 3 and "hf" not in summary
-    assert (broken / "checkpoints" / "3").is_dir()  # Ctrl-C saved the step it reached
-    shutil.rmtree(broken / "checkpoints" / "3")  # ... now pretend the process was killed before that save
-    assert len(read_metrics(broken)) == 3
-    resumed = Trainer(_job(tiny_model, broken, cfg, resume=True))
-    assert resumed.step == 2
-    assert resumed.train()["step"] == 4
-
-    assert _rows(broken) == _rows(straight)
-    assert (broken / "batches.jsonl").read_text() == (straight / "batches.jsonl").read_text()
-    a, b = load_file(straight / "hf" / "model.safetensors"), load_file(broken / "hf" / "model.safetensors")
-    assert a.keys() == b.keys()
-    for name in a:
-        np.testing.assert_array_equal(a[name], b[name], err_msg=name)
-    start = load_file(tiny_model / "model.safetensors")
-    assert any(not np.array_equal(start[name], a[name]) for name in a)  # training moved the weights
-
-    with pytest.raises(ValueError, match=r"different config.*learning_rate"):
-        Trainer(_job(tiny_model, broken, dataclasses.replace(cfg, learning_rate=1.0), resume=True))
-    longer = Trainer(_job(tiny_model, broken, dataclasses.replace(cfg, max_steps=5), resume=True))
-    assert longer.step == 4
+    plan.save(tmp_path / "plan.json")
+    cfg = GRPOConfig(batch_size=4, num_generations=2, max_prompt_length=96, max_completion_length=4, max_steps=3)
+    out = tmp_path / "run"
+    Trainer(_job(tiny_model, out, cfg, sampler="plan", plan=tmp_path)).train()
+    trained = [json.loads(line)["ids"] for line in (out / "batches.jsonl").read_text().splitlines()]
+    assert trained == plan.batches[:3]
+    assert [row["batch_index"] for row in read_metrics(out)] == [0, 1, 2]
+    assert {row["planned_share"] for row in read_metrics(out)} == {1.0}
+    with pytest.raises(UserError, match=r"plan's batches hold 4 ids but batch_size=2.*--batch-size 2"):
+        Trainer(
+            _job(tiny_model, tmp_path / "other", dataclasses.replace(cfg, batch_size=2), sampler="plan", plan=tmp_path)
+        )
 
 
 def test_export_loads_in_transformers_with_the_same_logits(tiny_model, tmp_path):
@@ -199,21 +147,21 @@ def _sampler_batches(sizes):
         start += size
 
 
-def test_prompt_queue_crosses_batches_saves_leftovers_and_truncates():
-    queue = PromptQueue(_sampler_batches([3, 3, 3]), length=4, pad_id=9)
-    first = queue.take(2)
-    assert list(first["ids"]) == ["p0", "p1"]
+def test_prompt_queue_takes_exactly_one_sampler_batch_and_truncates():
+    queue = PromptQueue(_sampler_batches([2, 2, 2]), length=4, pad_id=9)
+    first = queue.take()
+    assert list(first["ids"]) == ["p0", "p1"] and first["index"] == 0
     np.testing.assert_array_equal(first["input_ids"][0], [9, 9, 1, 2])  # p0: 2 tokens, left-padded
     np.testing.assert_array_equal(first["attention_mask"][1], [0, 1, 1, 1])
-    second = queue.take(2)  # p2 left over from the first batch, p3 from the second
-    assert list(second["ids"]) == ["p2", "p3"]
+    second = queue.take()
+    assert list(second["ids"]) == ["p2", "p3"] and second["index"] == 1
     np.testing.assert_array_equal(second["input_ids"][0], [3, 4, 5, 6])  # p2 had 4 tokens
     np.testing.assert_array_equal(second["input_ids"][1], [5, 6, 7, 8])  # p3 had 4..8: its last 4 kept
     assert queue.truncated == 1
     saved = json.loads(json.dumps(queue.state()))
     fresh = PromptQueue(iter([]), length=4)
     fresh.restore(saved)
-    assert list(fresh.take(2)["ids"]) == ["p4", "p5"]
+    assert fresh.state() == {"taken": 2, "truncated": 1}
 
 
 def _fake_roll(prompts, draw, g=2, n=3):
@@ -239,9 +187,16 @@ def test_dynamic_sampling_drops_flat_groups_and_refills():
         rewards = np.array([float(int(a) % 3 == 0 and i % 2) for i, a in enumerate(answers)], np.float32)
         return rewards, rewards
 
-    graded = collect(queue, 3, cfg, _fake_roll, lambda t: [str(r) for r in t], reward_fn)
-    assert graded.sample_ids == ["p0", "p3", "p6"]
-    assert graded.stats == {"frac_reward_zero_std": pytest.approx(2 / 3), "groups_filtered": 6, "gen_batches": 3}
+    graded = collect(queue, cfg, _fake_roll, lambda t: [str(r) for r in t], reward_fn)
+    assert graded.sample_ids == ["p0", "p3", "p6"]  # one from the planned batch, refills from the next two
+    assert graded.stats == {
+        "batch_index": 0,
+        "frac_reward_zero_std": pytest.approx(2 / 3),
+        "groups_filtered": 6,
+        "gen_batches": 3,
+        "planned_share": pytest.approx(1 / 3),
+    }
+    assert queue.taken == 3  # the next step starts at the next unused batch
     np.testing.assert_array_equal(graded.rewards_B, [0, 1, 0, 1, 0, 1])
     assert graded.rollout.completion_ids_BN.shape == (6, 3)
 
@@ -249,12 +204,41 @@ def test_dynamic_sampling_drops_flat_groups_and_refills():
     with pytest.raises(NoSignalError, match="max_num_gen_batches=2"):
         collect(
             flat,
-            3,
             dataclasses.replace(cfg, max_num_gen_batches=2),
             _fake_roll,
             lambda t: [""] * len(t),
             lambda c, a, r: (np.zeros(len(c)), np.zeros(len(c))),
         )
+
+
+def test_dynamic_sampling_filters_on_accuracy_not_the_shaped_reward():
+    # All eight completions are correct; the last is penalised for length. Its shaped rewards differ, and
+    # group-std scaling would turn 0.0625 into advantages of 0.35 and -2.46: DAPO filters on accuracy.
+    cfg = DAPOConfig(batch_size=1, num_generations=8, max_completion_length=3, max_num_gen_batches=1)
+
+    def reward_fn(completions, answers, rollout):
+        return np.array([1.0] * 7 + [0.9375], np.float32), np.ones(8, np.float32)
+
+    def graded(metric):
+        queue = PromptQueue(_sampler_batches([1] * 3), length=6)
+        config = dataclasses.replace(cfg, filter_groups_metric=metric)
+        return collect(queue, config, functools.partial(_fake_roll, g=8), lambda t: [""] * len(t), reward_fn)
+
+    with pytest.raises(NoSignalError, match="equal accuracy"):
+        graded("accuracy")
+    assert graded("reward").sample_ids == ["p0"]
+    with pytest.raises(ValueError, match="filter_groups_metric"):
+        DAPOConfig(filter_groups_metric="loss")
+
+
+def test_config_checks_generations_and_scales_the_overlong_buffer():
+    with pytest.raises(ValueError, match="num_generations must be >= 2"):
+        GRPOConfig(num_generations=1)
+    assert DAPOConfig(max_completion_length=20480).overlong_buffer_tokens == 4096  # the DAPO paper's 20%
+    assert DAPOConfig(max_completion_length=64).overlong_buffer_tokens == 13
+    assert DAPOConfig(max_completion_length=8, overlong_buffer_len=2).overlong_buffer_tokens == 2
+    assert GRPOConfig().overlong_buffer_tokens == 0
+    assert config_from_dict(DAPOConfig().to_dict()) == DAPOConfig()
 
 
 def test_loss_mask_drops_truncated_completions_only_when_asked():

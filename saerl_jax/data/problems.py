@@ -19,13 +19,14 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from saerl_jax.errors import UserError
 from saerl_jax.io import atomic_write
 
 _JSON_LINES = (".jsonl", ".json")
 _PARQUET_BATCH_ROWS = 1024
 
 
-class ProblemDataError(ValueError):
+class ProblemDataError(UserError):
     """A problem file cannot be loaded; the message names the file and, for a bad row, the row and field."""
 
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import transformers
 
+from saerl_jax.errors import UserError
+
 SYSTEM_PROMPT = "Please reason step by step, and put your final answer within \\boxed{}."
 _CHAT_TOKENS = ("<|im_start|>", "<|im_end|>")
 
@@ -28,7 +30,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> transformers.PreTrainedToken
 
     Raises:
         FileNotFoundError: ``path`` is not a directory or holds no tokenizer files.
-        ValueError: ``<|im_start|>`` or ``<|im_end|>`` is not a single token of the tokenizer.
+        UserError: ``<|im_start|>`` or ``<|im_end|>`` is not a single token of the tokenizer.
     """
     directory = Path(path)
     if not directory.is_dir():
@@ -40,7 +42,7 @@ def load_tokenizer(path: str | os.PathLike[str]) -> transformers.PreTrainedToken
     vocab = tokenizer.get_vocab()
     for token in _CHAT_TOKENS:
         if token not in vocab or tokenizer.encode(token, add_special_tokens=False) != [vocab[token]]:
-            raise ValueError(f"{path}: tokenizer lacks the chat special token {token!r}")
+            raise UserError(f"{path}: tokenizer lacks the chat special token {token!r}")
     return tokenizer
 
 

@@ -1,13 +1,17 @@
-"""Curriculum planner: ordered batches of sample ids from difficulty, clusters and lengths.
+"""Curriculum planner: ordered, full batches of sample ids from difficulty, clusters and lengths.
 
 ``CurriculumPlanner.plan`` turns per-sample difficulty (the calibrated SAE proxy or external labels, the
-caller chooses), cluster ids and lengths into a :class:`Plan`:
+caller chooses), cluster ids and lengths into a :class:`Plan`. Every batch holds exactly ``batch_size``
+ids: the trainer trains one plan batch per step with the plan built at its global batch size.
 
 1. stages: the samples, ranked by difficulty (ties by id), are cut into ``n_stages`` equal-count quantile
    stages, easy to hard;
 2. inside a (stage, cluster): samples sorted easy to hard and cut into full batches (cluster-first
-   grouping); every cluster's remainder (its hardest samples) is pooled, sorted, and cut into mixed
-   batches at the stage's end. With ``cluster=False`` the whole stage is cut directly;
+   grouping); every cluster's remainder (its hardest samples) goes to the stage's leftover pool, which is
+   sorted and cut into full mixed batches at the stage's end. The pool's own remainder (fewer than
+   ``batch_size`` samples) is carried into the next stage's leftover pool, so a mixed batch can hold the
+   hardest leftovers of one stage with the easiest of the next; such a batch is recorded in the later
+   stage (the one whose pool it was cut from). With ``cluster=False`` the whole stage is the pool;
 3. inside a stage: the clusters' batches are interleaved round-robin, easier clusters (by mean
    difficulty in the stage) first;
 4. moderate mixing: disjoint pairs of adjacent cluster batches from different clusters swap
@@ -15,10 +19,21 @@ caller chooses), cluster ids and lengths into a :class:`Plan`:
    batch nearest in (difficulty z-score, length z-score), chosen greedily. Each batch swaps at most once,
    so a mixed batch holds ``1 - mixing_ratio`` of its own cluster and ``mixing_ratio`` of one other.
 
-Batch sizes: every batch holds ``batch_size`` ids except the last batch of each stage (the last batch of
-the plan with ``order="random"``), which keeps whatever is left over. Batches never cross stages.
+The last stage's remainder is the plan's last batch, topped up to ``batch_size`` with repeats: the
+already-planned samples nearest in the ordering key (difficulty; the random key with ``sort=False``) to the
+remainder's mean key, each repeated at most once (ties: the earlier rank). Its stats record how many in
+``n_repeated``; every other batch has ``n_repeated`` 0 and no id twice, and every id appears at least once.
 
-The inputs are put in id order first, so a plan does not depend on the order of the rows it is given.
+Ablations. ``sort=False`` replaces difficulty by a seeded random key in every ordering step (stages,
+order inside clusters and batches, order of the clusters), so nothing goes easy to hard, not even by stage;
+clustering and mixing are kept (mixing still pairs partners by difficulty and length). ``cluster=False``
+cuts each stage's pool directly (no cluster batches, so no mixing either). ``mixing_ratio=0`` swaps
+nothing, so cluster batches hold a single cluster. ``order="random"`` is vanilla GRPO on the same pool:
+one seeded permutation cut into batches, the last topped up by wrapping around to the permutation's start.
+
+A pool smaller than ``batch_size`` cannot fill one batch and is an error. The inputs are put in id order
+first, so a plan does not depend on the order of the rows it is given; the same inputs and seed give the
+same plan.
 """
 
 from __future__ import annotations
@@ -36,6 +51,7 @@ from scipy import stats as sp_stats
 from sklearn.base import BaseEstimator
 
 from saerl_jax.engineering.diversity import counts_entropy, mean_pairwise_distance
+from saerl_jax.errors import UserError
 from saerl_jax.io import atomic_write
 
 PLAN_FORMAT = 1
@@ -60,10 +76,12 @@ class Plan:
     """Ordered batches of sample ids with per-batch statistics; what a sampler walks through."""
 
     batches: list[list[str]]
-    """Sample ids per batch, in training order."""
+    """Sample ids per batch, in training order; every batch has the planner's ``batch_size`` ids."""
     stats: list[dict]
     """Per batch: ``stage``, ``cluster_hist`` {cluster: count}, ``dominant_cluster``, ``mean_difficulty``,
-    ``mean_length``, ``n_clusters`` and ``diversity`` (mean pairwise feature distance, or None)."""
+    ``mean_length``, ``n_clusters``, ``diversity`` (mean pairwise feature distance, or None) and
+    ``n_repeated`` (ids already planned in an earlier batch, only ever non-zero in the last batch); counts
+    and means are over the batch's positions, repeats included."""
     config: dict
     """The planner's parameters."""
     meta: dict
@@ -75,9 +93,10 @@ class Plan:
         return [sample_id for batch in self.batches for sample_id in batch]
 
     def summary(self) -> dict:
-        """Plan-level numbers: batch and sample counts, mean distinct clusters and cluster entropy (nats)
-        per batch, mean diversity (None without features), and difficulty monotonicity: the Spearman rho
-        of batch index vs batch mean difficulty (None with fewer than two batches or constant means)."""
+        """Plan-level numbers: batch count, distinct samples, repeated positions (``n_batches * batch_size
+        = n_samples + n_repeated``), mean distinct clusters and cluster entropy (nats) per batch, mean
+        diversity (None without features), and difficulty monotonicity: the Spearman rho of batch index vs
+        batch mean difficulty (None with fewer than two batches or constant means)."""
         entropies = [counts_entropy(list(stat["cluster_hist"].values())) for stat in self.stats]
         diversity = [s["diversity"] for s in self.stats if s["diversity"] is not None]
         means = np.array([s["mean_difficulty"] for s in self.stats])
@@ -87,7 +106,8 @@ class Plan:
         return _round(
             {
                 "n_batches": len(self.batches),
-                "n_samples": sum(len(batch) for batch in self.batches),
+                "n_samples": len(set(self.ids())),
+                "n_repeated": sum(s.get("n_repeated", 0) for s in self.stats),
                 "mean_distinct_clusters": float(np.mean([s["n_clusters"] for s in self.stats])),
                 "mean_cluster_entropy": float(np.mean(entropies)),
                 "mean_diversity": float(np.mean(diversity)) if diversity else None,
@@ -104,12 +124,22 @@ class Plan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Plan:
-        """Reads a file written by :meth:`save`."""
-        doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        """Reads a file written by :meth:`save`.
+
+        Raises:
+            UserError: the file is not valid JSON or not a plan of this format (names the file).
+        """
+        try:
+            doc = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as err:
+            raise UserError(f"{path}: not valid JSON ({err}); write it again with saerl engineer") from None
         if not isinstance(doc, dict) or doc.get("format") != PLAN_FORMAT:
-            raise ValueError(f"{path} is not a plan file of format {PLAN_FORMAT}")
-        stats = [{**s, "cluster_hist": {int(c): n for c, n in s["cluster_hist"].items()}} for s in doc["stats"]]
-        return cls(batches=doc["batches"], stats=stats, config=doc["config"], meta=doc["meta"])
+            raise UserError(f"{path} is not a plan file of format {PLAN_FORMAT}")
+        try:
+            stats = [{**s, "cluster_hist": {int(c): n for c, n in s["cluster_hist"].items()}} for s in doc["stats"]]
+            return cls(batches=doc["batches"], stats=stats, config=doc["config"], meta=doc["meta"])
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            raise UserError(f"{path}: a plan file without a valid {err} field") from None
 
 
 def _column(name: str, values: Any, n: int, *, ndim: int = 1) -> np.ndarray:
@@ -159,20 +189,34 @@ def _cut(idx: np.ndarray, size: int) -> list[np.ndarray]:
     return [idx[start : start + size] for start in range(0, len(idx), size)]
 
 
-def _stage_batches(idx, rank_N, difficulty_N, clusters_N, batch_size, cluster):
-    """One stage's batches as ``(source cluster or None for mixed, indices)``, in training order."""
+def _stage_batches(idx, carry, rank_N, key_N, clusters_N, batch_size, cluster):
+    """One stage's full batches as ``(source cluster or None for mixed, indices)`` in training order, and
+    the leftover pool's remainder (fewer than ``batch_size`` indices) to carry into the next stage."""
     idx = idx[np.argsort(rank_N[idx])]
-    if not cluster:
-        return [(None, batch) for batch in _cut(idx, batch_size)]
-    groups = {int(c): idx[clusters_N[idx] == c] for c in np.unique(clusters_N[idx])}
-    order = sorted(groups, key=lambda c: (float(difficulty_N[groups[c]].mean()), c))
-    full = {c: _cut(groups[c][: len(groups[c]) // batch_size * batch_size], batch_size) for c in order}
-    leftover = np.concatenate([groups[c][len(groups[c]) // batch_size * batch_size :] for c in order])
+    full, pool, order = {}, [carry], []
+    if cluster:
+        groups = {int(c): idx[clusters_N[idx] == c] for c in np.unique(clusters_N[idx])}
+        order = sorted(groups, key=lambda c: (float(key_N[groups[c]].mean()), c))
+        for c in order:
+            n_full = len(groups[c]) // batch_size * batch_size
+            full[c] = _cut(groups[c][:n_full], batch_size)
+            pool.append(groups[c][n_full:])
+    else:
+        pool.append(idx)
+    leftover = np.concatenate(pool)
     leftover = leftover[np.argsort(rank_N[leftover])]
+    n_full = len(leftover) // batch_size * batch_size
     batches = []
-    for round_ in range(max(len(b) for b in full.values())):
+    for round_ in range(max((len(b) for b in full.values()), default=0)):
         batches += [(c, full[c][round_]) for c in order if round_ < len(full[c])]
-    return batches + [(None, batch) for batch in _cut(leftover, batch_size)]
+    return batches + [(None, batch) for batch in _cut(leftover[:n_full], batch_size)], leftover[n_full:]
+
+
+def _top_up(short: np.ndarray, planned: np.ndarray, key_N: np.ndarray, batch_size: int) -> np.ndarray:
+    """The ``batch_size - len(short)`` indices of ``planned`` (distinct, in rank order) nearest in key to
+    ``short``'s mean key, ties to the earlier rank."""
+    distance = np.abs(key_N[planned] - key_N[short].mean())
+    return planned[np.sort(np.argsort(distance, kind="stable")[: batch_size - len(short)])]
 
 
 def _swap_tail(a: np.ndarray, b: np.ndarray, n_swap: int, x_Nx2: np.ndarray) -> None:
@@ -201,7 +245,7 @@ def _mix(batches, n_swap, x_Nx2):
     return [batch for _, batch in batches]
 
 
-def _batch_stats(idx, stage, difficulty_N, clusters_N, lengths_N, features_NxC) -> dict:
+def _batch_stats(idx, stage, n_repeated, difficulty_N, clusters_N, lengths_N, features_NxC) -> dict:
     values, counts = np.unique(clusters_N[idx], return_counts=True)
     return _round(
         {
@@ -212,6 +256,7 @@ def _batch_stats(idx, stage, difficulty_N, clusters_N, lengths_N, features_NxC) 
             "mean_length": float(lengths_N[idx].mean()),
             "n_clusters": len(values),
             "diversity": None if features_NxC is None else mean_pairwise_distance(features_NxC[idx]),
+            "n_repeated": n_repeated,
         }
     )
 
@@ -220,15 +265,19 @@ class CurriculumPlanner(BaseEstimator):
     """Builds a :class:`Plan` (see the module docstring for the four steps).
 
     Args:
-        batch_size: samples per batch (prompts per RL step).
-        n_stages: number of equal-count difficulty stages.
-        mixing_ratio: fraction of each cluster batch swapped with its neighbour's cluster, in [0, 0.5].
-        sort: sort easy to hard inside clusters and batches; False shuffles them (seeded) instead.
-        cluster: group batches by cluster; False cuts each stage directly (no cluster batches, so no
-            mixing either: those batches are already mixed).
-        order: "curriculum", or "random" for the vanilla GRPO baseline: one seeded shuffle cut into
-            batches, every batch in stage 0 (``n_stages``, ``sort``, ``cluster`` and mixing unused).
-        random_state: seed of the shuffles (``order="random"`` or ``sort=False``).
+        batch_size: ids in every batch: the trainer's global batch (prompts per RL step over all hosts).
+        n_stages: number of equal-count stages (by difficulty; by the random key with ``sort=False``).
+        mixing_ratio: fraction of each cluster batch swapped with its neighbour's cluster, in [0, 0.5];
+            0 is the no-mixing ablation (cluster batches hold one cluster each).
+        sort: the easy-to-hard order. False (ablation) removes it entirely: a seeded random key replaces
+            difficulty in the stages, in the order inside clusters and batches and in the clusters'
+            order, so neither batches nor stages go easy to hard; clusters and mixing stay.
+        cluster: group batches by cluster. False (ablation) removes the clusters: each stage is cut
+            directly in difficulty order (no cluster batches, so no mixing either); stages stay.
+        order: "curriculum", or "random" for the vanilla GRPO baseline, which removes everything: one
+            seeded permutation cut into batches, every batch in stage 0 (``n_stages``, ``sort``,
+            ``cluster`` and mixing unused).
+        random_state: seed of the permutations (``order="random"`` or ``sort=False``).
     """
 
     def __init__(
@@ -286,41 +335,54 @@ class CurriculumPlanner(BaseEstimator):
 
         Returns:
             The plan; ``Plan.config`` holds this planner's parameters.
+
+        Raises:
+            ValueError: bad parameters or inputs, or fewer samples than ``batch_size``.
         """
         self._validate_params()
         ids, difficulty_N, clusters_N, lengths_N, features_NxC = _inputs(ids, difficulty, clusters, lengths, features)
         n, rng = len(ids), np.random.default_rng(self.random_state)
+        if n < self.batch_size:
+            raise ValueError(f"the pool has {n} samples, fewer than batch_size={self.batch_size}: not one full batch")
         if self.order == "random":
-            staged = [(0, batch) for batch in _cut(rng.permutation(n), self.batch_size)]
+            staged = _random_order(rng.permutation(n), self.batch_size)
         else:
             staged = self._curriculum(difficulty_N, clusters_N, lengths_N, rng)
-        stats = [_batch_stats(b, s, difficulty_N, clusters_N, lengths_N, features_NxC) for s, b in staged]
+        stats = [_batch_stats(b, s, r, difficulty_N, clusters_N, lengths_N, features_NxC) for s, b, r in staged]
         return Plan(
-            batches=[[ids[i] for i in batch] for _, batch in staged],
+            batches=[[ids[i] for i in batch] for _, batch, _ in staged],
             stats=stats,
             config=_round(self.get_params()),
             meta=dict(meta or {}),
         )
 
-    def _curriculum(self, difficulty_N, clusters_N, lengths_N, rng) -> list[tuple[int, np.ndarray]]:
-        """``(stage, indices)`` per batch in training order (indices into the id-ordered rows)."""
+    def _curriculum(self, difficulty_N, clusters_N, lengths_N, rng) -> list[tuple[int, np.ndarray, int]]:
+        """``(stage, indices, n_repeated)`` per batch in training order (indices into the id-ordered rows)."""
         n = len(difficulty_N)
-        by_difficulty = np.argsort(difficulty_N, kind="stable")  # rows are in id order: ties go by id
+        key_N = difficulty_N if self.sort else rng.permutation(n).astype(np.float64)
+        by_key = np.argsort(key_N, kind="stable")  # rows are in id order: ties go by id
         stage_N = np.empty(n, np.int64)
-        stage_N[by_difficulty] = np.arange(n) * self.n_stages // n
+        stage_N[by_key] = np.arange(n) * self.n_stages // n
         rank_N = np.empty(n, np.int64)
-        rank_N[by_difficulty if self.sort else rng.permutation(n)] = np.arange(n)
+        rank_N[by_key] = np.arange(n)
         n_swap = round(self.mixing_ratio * self.batch_size)
         x_Nx2 = np.stack([_zscore(difficulty_N), _zscore(lengths_N)], axis=1)
-        staged = []
+        staged, carry = [], np.empty(0, np.int64)
         for stage in np.unique(stage_N):
             idx = np.flatnonzero(stage_N == stage)
-            batches = _stage_batches(idx, rank_N, difficulty_N, clusters_N, self.batch_size, self.cluster)
-            if n_swap:
-                batches = _mix(batches, n_swap, x_Nx2)
-                if self.sort:
-                    batches = [batch[np.argsort(rank_N[batch])] for batch in batches]
-            else:
-                batches = [batch for _, batch in batches]
-            staged += [(int(stage), batch) for batch in batches]
+            batches, carry = _stage_batches(idx, carry, rank_N, key_N, clusters_N, self.batch_size, self.cluster)
+            batches = _mix(batches, n_swap, x_Nx2) if n_swap else [batch for _, batch in batches]
+            staged += [(int(stage), batch[np.argsort(rank_N[batch])], 0) for batch in batches]
+        if len(carry):
+            planned = np.setdiff1d(np.arange(n), carry)
+            planned = planned[np.argsort(rank_N[planned])]
+            last = np.concatenate([carry, _top_up(carry, planned, key_N, self.batch_size)])
+            staged.append((int(stage_N.max()), last[np.argsort(rank_N[last])], self.batch_size - len(carry)))
         return staged
+
+
+def _random_order(perm_N: np.ndarray, batch_size: int) -> list[tuple[int, np.ndarray, int]]:
+    """The vanilla baseline: ``perm_N`` cut into batches, the last topped up from the permutation's start."""
+    n_repeated = -len(perm_N) % batch_size
+    batches = _cut(np.concatenate([perm_N, perm_N[:n_repeated]]), batch_size)
+    return [(0, batch, n_repeated if i + 1 == len(batches) else 0) for i, batch in enumerate(batches)]

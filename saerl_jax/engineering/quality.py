@@ -1,12 +1,18 @@
 """Quality filter: a linear classifier on standardized features separating in-distribution problems from
-an off-distribution (noisy) pool."""
+an off-distribution (noisy) pool.
+
+Fit it on a labelled subset and apply it to the other rows; ``oof_scores_`` gives the labelled rows
+themselves out-of-fold probabilities, so every row can have a probability from a model that never saw its
+label. Scores of the rows a model was fitted on are not evidence of anything (a 960-column logistic
+regression separates even random labels in-sample)."""
 
 from __future__ import annotations
 
 import numpy as np
 from sklearn.base import BaseEstimator
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import StratifiedKFold, cross_val_score
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold
 from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.utils.validation import check_is_fitted, check_X_y
@@ -19,7 +25,7 @@ class QualityFilter(BaseEstimator):
       C: inverse L2 strength of the logistic regression.
       threshold: keep rows whose probability of being in-distribution is at least this.
       top_k: keep exactly the ``top_k`` most in-distribution rows instead of thresholding.
-      cv: folds of the cross-validated ROC-AUC reported after ``fit``.
+      cv: folds of the out-of-fold probabilities and the cross-validated ROC-AUC computed in ``fit``.
       random_state: seed of the CV split and the solver.
     """
 
@@ -36,13 +42,24 @@ class QualityFilter(BaseEstimator):
         )
 
     def fit(self, X, y) -> QualityFilter:
-        """Fits on labelled rows and records the cross-validated ROC-AUC in ``cv_roc_auc_`` (one per fold)."""
+        """Fits on labelled rows; records each row's out-of-fold probability in ``oof_scores_`` ``[N]`` and
+        the ROC-AUC of each fold's held-out rows in ``cv_roc_auc_``."""
         X, y = check_X_y(X, y)
-        classes = np.unique(y)
+        classes, counts = np.unique(y, return_counts=True)
         if not np.array_equal(classes, [0, 1]):
             raise ValueError(f"QualityFilter needs labels 0 (noise) and 1 (in-distribution), got {classes.tolist()}")
+        if counts.min() < self.cv:
+            raise ValueError(
+                f"QualityFilter needs at least cv={self.cv} rows of each label, got {counts[0]} noise and "
+                f"{counts[1]} in-distribution rows"
+            )
         folds = StratifiedKFold(self.cv, shuffle=True, random_state=self.random_state)
-        self.cv_roc_auc_ = cross_val_score(self._pipeline(), X, y, cv=folds, scoring="roc_auc")
+        self.oof_scores_ = np.empty(len(y))
+        aucs = []
+        for train, test in folds.split(X, y):
+            self.oof_scores_[test] = self._pipeline().fit(X[train], y[train]).predict_proba(X[test])[:, 1]
+            aucs.append(roc_auc_score(y[test], self.oof_scores_[test]))
+        self.cv_roc_auc_ = np.array(aucs)
         self.pipeline_ = self._pipeline().fit(X, y)
         self.n_features_in_ = X.shape[1]
         self.n_train_ = len(y)
@@ -55,7 +72,12 @@ class QualityFilter(BaseEstimator):
 
     def keep_mask(self, X) -> np.ndarray:
         """Rows to keep ``[N]`` bool: by ``top_k`` if set, else by ``threshold``."""
-        scores = self.score_samples(X)
+        return self.keep_scores(self.score_samples(X))
+
+    def keep_scores(self, scores) -> np.ndarray:
+        """:meth:`keep_mask` for probabilities already computed (e.g. ``oof_scores_`` joined with
+        :meth:`score_samples` of the unlabelled rows)."""
+        scores = np.asarray(scores, np.float64)
         if self.top_k is None:
             return scores >= self.threshold
         keep = np.zeros(len(scores), bool)

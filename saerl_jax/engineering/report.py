@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 from saerl_jax.engineering.planner import Plan
+from saerl_jax.errors import UserError
 from saerl_jax.io import atomic_write
 
 
@@ -16,14 +17,18 @@ def render_report(directory: str | os.PathLike) -> Path:
     directory = Path(directory)
     plan = Plan.load(directory / "plan.json")
     report_file = directory / "report.json"
-    report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    try:
+        report = json.loads(report_file.read_text()) if report_file.is_file() else {}
+    except json.JSONDecodeError as err:
+        raise UserError(f"{report_file}: not valid JSON ({err}); run saerl engineer again") from None
     png = _plot(directory, plan, report)
     lines = [f"# Plan `{directory}`", "", "| plan | value |", "| --- | --- |"]
     lines += [f"| {k} | {v} |" for k, v in plan.summary().items()]
     lines += ["", f"![plan]({png.name})", ""]
     for section in ("quality", "difficulty"):
         if section in report:
-            lines += [f"## {section.title()}", "", "| metric | value |", "| --- | --- |"]
+            lines += [f"## {section.title()}", "", *_section_note(section, report[section])]
+            lines += ["| metric | value |", "| --- | --- |"]
             lines += [f"| {k} | {_fmt(v)} |" for k, v in report[section].items() if not isinstance(v, list)]
             lines.append("")
     if "probes" in report:
@@ -48,6 +53,27 @@ def render_report(directory: str | os.PathLike) -> Path:
         lines.append("")
     text = "\n".join(lines)
     return atomic_write(directory / "report.md", lambda tmp: Path(tmp).write_text(text))
+
+
+def _section_note(section: str, values: dict) -> list[str]:
+    """What the figures of a section are measured on."""
+    if section == "quality" and "n_labelled" in values:
+        return [
+            f"Fitted on {values['n_labelled']} labelled rows ({values['n_labelled_noise']} noise; their ids are "
+            "`quality.labelled_ids` in report.json), which are kept or removed by their own label, and applied to "
+            f"the other {values['n_heldout']} rows. Every figure is out of sample: `cv_roc_auc` from the labelled "
+            "rows' out-of-fold probabilities, `heldout_roc_auc`, `noise_removed` and `clean_kept` on the held-out "
+            "rows.",
+            "",
+        ]
+    if section == "difficulty" and "n_unlabelled" in values:
+        return [
+            f"Fitted and calibrated on {values['n_train']} labelled rows; `spearman` on {values['n_test']} "
+            f"labelled rows held out, `spearman_unlabelled` on the {values['n_unlabelled']} rows whose label "
+            "was not used.",
+            "",
+        ]
+    return []
 
 
 def _fmt(value) -> str:

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+from sklearn.metrics import roc_auc_score
 
 from saerl_jax.data.problems import load_problems
 from saerl_jax.engineering.difficulty import DifficultyModel
@@ -17,7 +18,9 @@ from saerl_jax.engineering.planner import CurriculumPlanner
 from saerl_jax.engineering.probes import probe_report
 from saerl_jax.engineering.quality import QualityFilter
 from saerl_jax.engineering.report import render_report
+from saerl_jax.errors import UserError
 from saerl_jax.features import METADATA_COLUMNS, load_store
+from saerl_jax.features.extract import column_mapping
 from saerl_jax.features.store import MANIFEST, file_hash
 from saerl_jax.io import atomic_write
 
@@ -35,38 +38,59 @@ class EngineerJob:
     n_clusters: int = 64
     """MiniBatchKMeans clusters."""
     n_labelled: int = 3000
-    """Rows with a difficulty label the difficulty model may use."""
+    """Rows with a difficulty label the difficulty model may use (capped by ``max_labelled_fraction``)."""
+    n_quality_labelled: int = 3000
+    """Rows whose ``source`` label (noise or not) the quality filter is fitted on (capped by
+    ``max_labelled_fraction``); the filter is applied to the other rows."""
+    max_labelled_fraction: float = 0.2
+    """Cap on each labelled subset (quality filter, difficulty model) as a share of the rows it is drawn
+    from (all rows; the kept rows), in (0, 1]."""
     difficulty: Literal["sae", "external"] = "sae"
     """Order by the calibrated SAE proxy, or by the dataset's own labels (ablation)."""
     quality_threshold: float = 0.5
-    """Keep rows whose in-distribution probability is at least this (needs ``source`` labels)."""
+    """Keep an unlabelled row whose out-of-sample in-distribution probability is at least this (needs
+    ``source`` labels); a labelled row is kept or removed by its own label."""
     batch_size: int = 128
-    """Plan batch size."""
+    """Ids per plan batch: must equal the trainer's global batch size (``saerl train --batch-size``), which
+    trains one plan batch per step."""
     n_stages: int = 4
     """Curriculum stages."""
     mixing_ratio: float = 0.25
     """Share of each batch swapped with a neighbouring cluster's batch."""
     sort: bool = True
-    """Easy to hard inside stages and clusters."""
+    """The easy-to-hard order; False (ablation) removes it entirely, stages included (see
+    :class:`CurriculumPlanner`)."""
     cluster: bool = True
-    """Cluster-first batches."""
+    """Cluster-first batches; False (ablation) cuts each difficulty stage directly."""
     order: Literal["curriculum", "random"] = "curriculum"
-    """``random`` is the vanilla shuffled baseline."""
+    """``random`` is the vanilla shuffled baseline on the kept rows."""
     probes: bool = True
     """Run the probe report (SAE features vs metadata only)."""
     probe_sample: int = 4000
     """Rows (seeded sample) the probes use."""
     dense_store: Path | None = None
     """A store made with ``saerl extract --dense`` over the same problems: probed beside the SAE codes."""
+    column: tuple[str, ...] = ()
+    """``field=column`` mappings for a problems file with other column names, as ``saerl extract --column``."""
+    skip_invalid: bool = False
+    """Skip invalid problem rows instead of stopping, as ``saerl extract --skip-invalid``."""
     seed: int = 0
-    """Seed of every estimator and the planner."""
+    """Seed of every estimator, the labelled subsets and the planner."""
+
+    def __post_init__(self) -> None:
+        if not 0 < self.max_labelled_fraction <= 1:
+            raise UserError(f"max_labelled_fraction must be in (0, 1], got {self.max_labelled_fraction}")
+        for name in ("n_labelled", "n_quality_labelled", "batch_size", "n_stages", "n_clusters"):
+            if getattr(self, name) < 1:
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def _labels(job: EngineerJob, ids: list[str]) -> dict[str, np.ndarray]:
-    problems = {p.id: p for p in load_problems(job.data).problems}
+    loaded = load_problems(job.data, columns=column_mapping(job.column) or None, skip_invalid=job.skip_invalid)
+    problems = {p.id: p for p in loaded.problems}
     missing = [i for i in ids if i not in problems]
     if missing:
-        raise ValueError(f"{job.data}: {len(missing)} store ids are not in the problems file (first: {missing[0]})")
+        raise UserError(f"{job.data}: {len(missing)} store ids are not in the problems file (first: {missing[0]})")
     rows = [problems[i] for i in ids]
     return {
         "noise": np.array([(p.source or "").startswith("noise/") for p in rows]),
@@ -110,23 +134,19 @@ def run_engineer(job: EngineerJob) -> dict:
     report: dict = {"store": str(job.store), "samples": len(store.ids), "config": dataclasses.asdict(job)}
     keep = np.ones(len(X), bool)
     if labels["has_source"].all() and labels["noise"].any():
-        quality = QualityFilter(threshold=job.quality_threshold, random_state=job.seed).fit(X, (~labels["noise"]) * 1)
-        keep = quality.keep_mask(X)
-        report["quality"] = quality.report() | {
-            "kept": int(keep.sum()),
-            "noise_removed": float((~keep[labels["noise"]]).mean()),
-            "clean_kept": float(keep[~labels["noise"]].mean()),
-        }
+        keep, report["quality"] = _quality_filter(job, X, labels["noise"], store.ids)
     kept = np.flatnonzero(keep)
     X_kept = X[kept]  # one copy of the kept rows for every later stage
     diversity = Diversity(n_clusters=job.n_clusters, random_state=job.seed).fit(X_kept)
     clusters = diversity.labels_
     if job.difficulty == "external":
         if np.isnan(labels["difficulty"][kept]).any():
-            raise ValueError(f"{job.data}: --difficulty external needs a difficulty label on every kept problem")
+            raise UserError(f"{job.data}: --difficulty external needs a difficulty label on every kept problem")
         difficulty = labels["difficulty"][kept]
     else:
-        model = DifficultyModel(n_labelled=job.n_labelled, random_state=job.seed)
+        model = DifficultyModel(
+            n_labelled=job.n_labelled, max_labelled_fraction=job.max_labelled_fraction, random_state=job.seed
+        )
         difficulty = model.fit(X_kept, labels["difficulty"][kept], clusters).predict(X_kept, clusters)
         report["difficulty"] = model.report()
     ids = [store.ids[i] for i in kept]
@@ -165,6 +185,48 @@ def run_engineer(job: EngineerJob) -> dict:
     return report
 
 
+def _quality_filter(job: EngineerJob, X, noise_N: np.ndarray, ids: list[str]) -> tuple[np.ndarray, dict]:
+    """Fits the filter on a seeded labelled subset and applies it to the other (held-out) rows.
+
+    Returns the keep mask ``[N]`` and the report. A labelled row is kept or removed by its own label; a
+    held-out row by its probability. The out-of-fold probabilities use 5 folds, fewer (at least 2) when the
+    subset holds fewer than 5 rows of a label. Every figure is out of sample: ``cv_roc_auc`` from the labelled rows'
+    out-of-fold probabilities, ``heldout_roc_auc`` / ``noise_removed`` / ``clean_kept`` on the held-out rows
+    (None where those rows lack a class).
+    """
+    n = len(noise_N)
+    budget = min(job.n_quality_labelled, int(job.max_labelled_fraction * n))
+    labelled = np.sort(np.random.default_rng(job.seed).permutation(n)[:budget])
+    n_noise = int(noise_N[labelled].sum())
+    n_minority = min(n_noise, budget - n_noise)
+    if n_minority < 2:
+        raise UserError(
+            f"the quality filter's labelled subset ({budget} of {n} rows: --n-quality-labelled "
+            f"{job.n_quality_labelled}, --max-labelled-fraction {job.max_labelled_fraction}) holds {n_noise} "
+            "noise rows; it needs at least 2 of each label: label more rows"
+        )
+    quality = QualityFilter(threshold=job.quality_threshold, cv=min(5, n_minority), random_state=job.seed)
+    quality.fit(X[labelled], (~noise_N[labelled]).astype(int))
+    scores_N = quality.score_samples(X)
+    scores_N[labelled] = quality.oof_scores_
+    keep = quality.keep_scores(scores_N)
+    keep[labelled] = ~noise_N[labelled]
+    heldout = np.setdiff1d(np.arange(n), labelled)
+    noise, clean = heldout[noise_N[heldout]], heldout[~noise_N[heldout]]
+    both = len(noise) and len(clean)
+    fitted = {k: v for k, v in quality.report().items() if k != "n_train"}  # n_train is n_labelled
+    return keep, fitted | {
+        "kept": int(keep.sum()),
+        "n_labelled": budget,
+        "n_labelled_noise": n_noise,
+        "n_heldout": len(heldout),
+        "heldout_roc_auc": float(roc_auc_score(~noise_N[heldout], scores_N[heldout])) if both else None,
+        "noise_removed": float((~keep[noise]).mean()) if len(noise) else None,
+        "clean_kept": float(keep[clean].mean()) if len(clean) else None,
+        "labelled_ids": [ids[i] for i in labelled],
+    }
+
+
 def _planner(job: EngineerJob, mixing_ratio: float) -> CurriculumPlanner:
     return CurriculumPlanner(
         batch_size=job.batch_size,
@@ -181,11 +243,11 @@ def _dense_features(job: EngineerJob, ids: list[str]) -> np.ndarray:
     """The dense store's pooled hidden states for ``ids`` (the paper's dense baseline), metadata dropped."""
     dense = load_store(job.dense_store)
     if dense.manifest.get("latent_ids") is not None:
-        raise ValueError(f"{job.dense_store}: not a dense store (made without --dense)")
+        raise UserError(f"{job.dense_store}: not a dense store (made without --dense)")
     row = {sample_id: i for i, sample_id in enumerate(dense.ids)}
     missing = [i for i in ids if i not in row]
     if missing:
-        raise ValueError(f"{job.dense_store}: {len(missing)} ids of {job.store} are missing (first: {missing[0]})")
+        raise UserError(f"{job.dense_store}: {len(missing)} ids of {job.store} are missing (first: {missing[0]})")
     return dense.features[[row[i] for i in ids], : -len(METADATA_COLUMNS)]
 
 

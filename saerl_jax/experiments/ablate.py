@@ -1,5 +1,6 @@
 """Ablations of the SAERL plan on the same GRPO budget over seeds (``scripts/ablate.py``): no difficulty sort,
-no mixing, no clustering, and a mixing-ratio sweep that sets the plan's diversity against held-out accuracy."""
+no mixing, no clustering (each removes one thing, :data:`ABLATIONS` says what), and a mixing-ratio sweep that
+sets the plan's diversity against held-out accuracy."""
 
 from __future__ import annotations
 
@@ -24,6 +25,17 @@ from saerl_jax.experiments.runs import Arm, run_arms
 SWEEP = (0.0, 0.1, 0.25, 0.5)
 """Default mixing ratios of the sweep."""
 
+ABLATIONS = {
+    "saerl": "the full plan: difficulty stages easy to hard, cluster-first batches, mixing",
+    "no_sort": "removes the easy-to-hard order entirely (stages and order by a seeded random key, not "
+    "difficulty); clusters and mixing stay",
+    "no_mixing": "removes mixing (ratio 0): every cluster batch holds one cluster; stages and order stay",
+    "no_cluster": "removes the clusters: each difficulty stage is cut directly in difficulty order, so "
+    "batches mix clusters as random batches do (and there is nothing to swap); stages and order stay",
+}
+"""What each arm of :func:`variants` removes from the full plan (the planner switches it sets are in
+:class:`~saerl_jax.engineering.planner.CurriculumPlanner`)."""
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AblateConfig(StudyConfig):
@@ -42,8 +54,9 @@ class AblateConfig(StudyConfig):
 
 
 def variants(mixing_ratio: float, sweep: tuple[float, ...]) -> tuple[dict[str, dict], dict[float, str]]:
-    """``({arm: engineer options}, {sweep ratio: arm})``: the plan and its ablations, plus one arm per sweep
-    ratio that no ablation already is (``mixing_0.1``, ...)."""
+    """``({arm: engineer options}, {sweep ratio: arm})``: the plan and its ablations (see :data:`ABLATIONS`:
+    ``no_sort`` sets ``sort=False``, ``no_mixing`` ``mixing_ratio=0``, ``no_cluster`` ``cluster=False``), plus
+    one arm per sweep ratio that no ablation already is (``mixing_0.1``, ...: the full plan at that ratio)."""
     arms = {
         "saerl": {"mixing_ratio": mixing_ratio},
         "no_sort": {"mixing_ratio": mixing_ratio, "sort": False},
@@ -109,6 +122,8 @@ def _markdown(summary: dict) -> str:
             SEED_NOTE,
             "",
             arms_table(summary),
+            *(f"- `{arm}`: {ABLATIONS[arm]}" for arm in summary["variants"] if arm in ABLATIONS),
+            "",
             *(
                 f"Plan `{a}` has the same batches as `{b}` and shares its runs."
                 for a, b in summary["same_batches_as"].items()

@@ -3,6 +3,10 @@
 Work is cut into parts of ``part_size`` samples in dataset order; worker ``shard_index`` of ``num_shards``
 (defaults: this JAX process of all) handles parts ``shard_index, shard_index + num_shards, ...`` and
 skips parts already on disk, so a killed run resumes with the same command.
+
+The "prompt" span is the question's own tokens by default (``prompt_span="question"``): the chat template's
+system turn and role words are the same in every sample, and would otherwise make up most of a short
+prompt's pooled tokens. ``prompt_span="template"`` pools the whole rendered prompt, as earlier stores did.
 """
 
 from __future__ import annotations
@@ -10,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import json
 from pathlib import Path
+from typing import Literal
 
 import jax
 import jax.numpy as jnp
@@ -21,9 +26,11 @@ import sae as sae_lib
 from sae.activations import token_mask
 from saerl_jax.data import FormattedExample, format_example, load_tokenizer
 from saerl_jax.data.problems import Problem, load_problems
+from saerl_jax.errors import UserError
 from saerl_jax.features import pooling
 from saerl_jax.features.store import (
     FORMAT_VERSION,
+    check_store,
     file_hash,
     finished_parts,
     open_store,
@@ -55,21 +62,24 @@ class ExtractJob:
     dense: bool = False
     """Pool the dense residual stream instead of SAE codes (the paper's dense baseline)."""
     n_latents: int = 240
-    """Keep the most frequently active latents (on the data, or a sample of it)."""
+    """Keep the latents most frequently active on the pooled tokens (of the data, or a sample of it)."""
     latent_ids: Path | None = None
     """A JSON list of latent ids to keep instead of choosing by frequency."""
     selection_sample: int | None = None
     """Count latent frequencies on a seeded sample of this many problems; None counts on all."""
+    prompt_span: Literal["question", "template"] = "question"
+    """Prompt tokens pooled: the question's own tokens, or the whole chat-formatted prompt (system turn, role
+    words and all)."""
     solution_field: str = "r1_solution_1"
     """Reference solution pooled as the solution span."""
     max_solution_tokens: int = 512
     """Solution tokens kept (the budget)."""
     batch_size: int = 16
-    """Sequences per forward batch."""
+    """Sequences per forward batch (speed only: a sample's features do not depend on its batch)."""
     part_size: int = 1024
     """Samples per store part."""
     outlier_factor: float = 10.0
-    """Tokens with a residual norm over this x the batch median are not pooled (attention sinks)."""
+    """Tokens with a residual norm over this x their sequence's median are not pooled (attention sinks)."""
     num_shards: int | None = None
     """Workers sharing the store; defaults to ``jax.process_count()``."""
     shard_index: int | None = None
@@ -83,12 +93,14 @@ class ExtractJob:
 
     def __post_init__(self) -> None:
         if not self.dense and self.sae is None:
-            raise ValueError("extract needs --sae (or --dense for pooled hidden states)")
+            raise UserError("extract needs --sae (or --dense for pooled hidden states)")
+        if self.prompt_span not in ("question", "template"):
+            raise UserError(f"prompt_span must be question or template, got {self.prompt_span!r}")
         if self.solution_field not in ("r1_solution_1", "r1_solution_2", "r1_solution_3"):
-            raise ValueError(f"solution_field must be r1_solution_1..3, got {self.solution_field!r}")
+            raise UserError(f"solution_field must be r1_solution_1..3, got {self.solution_field!r}")
         for name in ("batch_size", "part_size", "n_latents"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
 
 
 def column_mapping(pairs: tuple[str, ...]) -> dict[str, str]:
@@ -97,7 +109,7 @@ def column_mapping(pairs: tuple[str, ...]) -> dict[str, str]:
     for pair in pairs:
         field, sep, column = pair.partition("=")
         if not sep or not field or not column:
-            raise ValueError(f"--column {pair!r}: expected FIELD=COLUMN, e.g. question=problem")
+            raise UserError(f"--column {pair!r}: expected FIELD=COLUMN, e.g. question=problem")
         mapping[field] = column
     return mapping
 
@@ -112,7 +124,12 @@ def format_problems(tokenizer, problems: list[Problem], job: ExtractJob) -> list
     ]
 
 
-def bucketed_batches(examples: list[FormattedExample], indices: list[int], batch_size: int):
+def pooled_spans(example: FormattedExample, prompt_span: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The ``[start, end)`` token ranges pooled as the prompt and the solution."""
+    return example.question_span if prompt_span == "question" else example.prompt_span, example.solution_span
+
+
+def bucketed_batches(examples: list[FormattedExample], indices: list[int], batch_size: int, prompt_span: str):
     """Yields ``(rows, ids_BT, mask_BT, spans_B22)``: ``batch_size`` rows of one length bucket each.
 
     A short last batch of a bucket is filled with copies of its first row (dropped by the caller), so each
@@ -127,7 +144,7 @@ def bucketed_batches(examples: list[FormattedExample], indices: list[int], batch
             rows = members[start : start + batch_size]
             filled = [examples[i] for i in rows + [rows[0]] * (batch_size - len(rows))]
             ids, mask = pad_sequences([e.input_ids for e in filled])
-            spans = np.array([(e.prompt_span, e.solution_span) for e in filled], np.int32)
+            spans = np.array([pooled_spans(e, prompt_span) for e in filled], np.int32)
             yield rows, ids, mask, spans
 
 
@@ -150,10 +167,10 @@ class _Encoder:
             layer=self.layer, outlier_factor=self.outlier_factor,
         )  # fmt: skip
 
-    def counts(self, ids, mask):
+    def counts(self, ids, mask, spans):
         return pooling.latent_counts(
             self.model_def, self.model_state, self.sae_def, self.sae_state,
-            jnp.asarray(ids), jnp.asarray(mask), self.keep(ids, mask),
+            jnp.asarray(ids), jnp.asarray(mask), self.keep(ids, mask), jnp.asarray(spans),
             layer=self.layer, outlier_factor=self.outlier_factor,
         )  # fmt: skip
 
@@ -161,10 +178,13 @@ class _Encoder:
 def _choose_latents(job, encoder, examples, identity) -> np.ndarray:
     """Latent ids from ``--latent-ids``, from a matching ``selection.json`` in the store, or by counting."""
     if job.latent_ids is not None:
-        ids = json.loads(Path(job.latent_ids).read_text())
+        try:
+            ids = json.loads(Path(job.latent_ids).read_text())
+        except json.JSONDecodeError as err:
+            raise UserError(f"{job.latent_ids}: not valid JSON ({err})") from err
         d_sae = encoder.sae_state["W_enc"][...].shape[1]
         if not isinstance(ids, list) or not all(isinstance(i, int) and 0 <= i < d_sae for i in ids) or not ids:
-            raise ValueError(f"{job.latent_ids}: expected a non-empty JSON list of latent ids in [0, {d_sae})")
+            raise UserError(f"{job.latent_ids}: expected a non-empty JSON list of latent ids in [0, {d_sae})")
         return np.asarray(sorted(set(ids)), np.int32)
     path = job.out / SELECTION
     if path.is_file():
@@ -176,11 +196,13 @@ def _choose_latents(job, encoder, examples, identity) -> np.ndarray:
     if job.selection_sample is not None and job.selection_sample < n:
         sample = sorted(np.random.default_rng(job.seed).choice(n, job.selection_sample, replace=False).tolist())
     counts_F, tokens = 0, 0
-    batches = bucketed_batches(examples, sample, job.batch_size)
-    for rows, ids, mask, _ in tqdm(batches, total=-(-len(sample) // job.batch_size), desc="select latents"):
+    bar = tqdm(total=len(sample), desc="select latents", unit="sample")
+    for rows, ids, mask, spans in bucketed_batches(examples, sample, job.batch_size, job.prompt_span):
         mask[len(rows) :] = 0  # filler rows do not count
-        batch_counts, batch_tokens = encoder.counts(ids, mask)
+        batch_counts, batch_tokens = encoder.counts(ids, mask, spans)
         counts_F, tokens = counts_F + np.asarray(batch_counts, np.int64), tokens + int(batch_tokens)
+        bar.update(len(rows))
+    bar.close()
     latents = pooling.select_latents(counts_F, job.n_latents)
     record = {"identity": identity, "latent_ids": latents.tolist(), "tokens": tokens, "counts": counts_F.tolist()}
     job.out.mkdir(parents=True, exist_ok=True)
@@ -195,22 +217,15 @@ def run_extract(job: ExtractJob) -> Path:
         print(loaded.summary())
     problems = loaded.problems
     if not problems:
-        raise ValueError(f"{job.data}: no valid problems")
+        raise UserError(f"{job.data}: no valid problems")
     model = load_pretrained(job.model)
     tokenizer = load_tokenizer(job.tokenizer or job.model)
     sae = None if job.dense else sae_lib.load(job.sae)
-    layer = job.layer
-    if sae is not None:
-        sae_lib.check_matches_model(sae, model.config.hidden_size, str(job.model))
-        layer = sae.config.metadata.hook_layer if layer is None else layer
-    if layer is None:
-        raise ValueError("no capture layer: pass --layer (the SAE's cfg.json has no metadata.hook_layer)")
-    if not 0 < layer < model.config.num_hidden_layers:
-        raise ValueError(f"--layer {layer} is out of range for {job.model} ({model.config.num_hidden_layers} layers)")
+    layer = _capture_layer(job, model, sae)
     num_shards = jax.process_count() if job.num_shards is None else job.num_shards
     shard_index = jax.process_index() if job.shard_index is None else job.shard_index
     if not 0 <= shard_index < num_shards:
-        raise ValueError(f"shard_index {shard_index} is not in [0, {num_shards})")
+        raise UserError(f"shard_index {shard_index} is not in [0, {num_shards})")
 
     examples = format_problems(tokenizer, problems, job)
     encoder = _Encoder(model, sae, layer, tokenizer.all_special_ids, job.outlier_factor)
@@ -221,6 +236,7 @@ def run_extract(job: ExtractJob) -> Path:
         "dataset": {"path": str(job.data), "hash": file_hash(job.data), "columns": column_mapping(job.column)},
         "options": {
             "dense": job.dense,
+            "prompt_span": job.prompt_span,
             "solution_field": job.solution_field,
             "max_solution_tokens": job.max_solution_tokens,
             "outlier_factor": job.outlier_factor,
@@ -230,6 +246,8 @@ def run_extract(job: ExtractJob) -> Path:
             "seed": job.seed,
         },
     }
+    # Refuse a store made differently before anything is written to it (selection.json included).
+    check_store(job.out, {"format_version": FORMAT_VERSION, **identity}, ("format_version", *identity))
     latents = None if job.dense else _choose_latents(job, encoder, examples, identity)
     columns = pooling.feature_columns(latents, model.config.hidden_size)
     manifest = open_store(
@@ -251,10 +269,11 @@ def run_extract(job: ExtractJob) -> Path:
     for index in todo:
         start, end = ranges[index]
         features = np.zeros((end - start, len(columns)), np.float32)
-        for rows, ids, mask, spans in bucketed_batches(examples, list(range(start, end)), job.batch_size):
+        batches = bucketed_batches(examples, list(range(start, end)), job.batch_size, job.prompt_span)
+        for rows, ids, mask, spans in batches:
             pooled = np.asarray(encoder.pooled(ids, mask, spans, latents_K))
             for b, i in enumerate(rows):
-                (p0, p1), (s0, s1) = examples[i].prompt_span, examples[i].solution_span
+                (p0, p1), (s0, s1) = pooled_spans(examples[i], job.prompt_span)
                 meta = pooling.text_metadata(
                     problems[i].question, getattr(problems[i], job.solution_field), p1 - p0, s1 - s0
                 )
@@ -266,6 +285,24 @@ def run_extract(job: ExtractJob) -> Path:
     status = "complete" if left == 0 else f"{left} of {len(ranges)} parts left for other workers"
     print(f"wrote {job.out} ({len(problems)} samples x {len(columns)} columns, layer {layer}; {status})")
     return job.out
+
+
+def _capture_layer(job: ExtractJob, model, sae) -> int:
+    """``--layer``, else the SAE's capture layer; checked against the model (and the SAE's width)."""
+    cfg_file = None if sae is None else Path(job.sae) / sae_lib.io.CFG_FILE
+    if sae is not None:
+        sae_lib.check_matches_model(sae, model.config.hidden_size, str(job.model), str(cfg_file))
+    layer = job.layer if job.layer is not None or sae is None else sae.config.metadata.hook_layer
+    if layer is None:
+        given = "--dense gives none" if sae is None else f"{cfg_file}: metadata.hook_name is no residual-stream hook"
+        raise UserError(f"no capture layer: pass --layer ({given})")
+    if not 0 < layer < model.config.num_hidden_layers:
+        source = "--layer" if job.layer is not None else cfg_file
+        raise UserError(
+            f"capture layer {layer} (from {source}) is out of range for {job.model} "
+            f"({model.config.num_hidden_layers} layers)"
+        )
+    return layer
 
 
 def _sae_files(directory: Path) -> list[Path]:

@@ -1,5 +1,5 @@
-"""Per-sample features: SAE codes (or dense residuals) pooled by mean and max over the prompt and solution
-spans, in one jitted function per length bucket; plus shallow text metadata.
+"""Per-sample features: SAE codes (or dense residuals) pooled by mean and max over the prompt (by default the
+question's own tokens) and solution spans, in one jitted function per length bucket; plus shallow text metadata.
 
 Shapes: B batch, T tokens (a length bucket), D hidden size, F SAE latents, K selected latents.
 """
@@ -24,14 +24,22 @@ _TEX = re.compile(r"\\[A-Za-z]+|[$^_{}\\]")
 
 def residual_and_keep(model, ids_BT, mask_BT, keep_BT, layer: int, outlier_factor: float):
     """Layer-``layer`` residual ``[B, T, D]`` and the tokens to pool: ``keep_BT`` minus those whose norm is
-    over ``outlier_factor`` x the median norm of the kept tokens in the batch (attention sinks)."""
+    over ``outlier_factor`` x the median norm of the kept tokens of their own sequence (attention sinks).
+
+    The reference is per sequence, so a sample's features do not depend on the batch it was run in."""
     slots_BT = jnp.broadcast_to(jnp.arange(ids_BT.shape[1]), ids_BT.shape)
     x_BTD, _ = model.hidden_states(
         ids_BT, positions_from_mask(mask_BT), causal_mask(mask_BT, slots_BT), num_layers=layer
     )
     norm_BT = jnp.linalg.norm(x_BTD.astype(jnp.float32), axis=-1)
-    median = jnp.nanmedian(jnp.where(keep_BT, norm_BT, jnp.nan))
-    return x_BTD, keep_BT & (norm_BT <= outlier_factor * median)
+    median_B1 = jnp.nanmedian(jnp.where(keep_BT, norm_BT, jnp.nan), axis=1, keepdims=True)
+    return x_BTD, keep_BT & (norm_BT <= outlier_factor * median_B1)
+
+
+def span_masks(spans_B22: jax.Array, length: int) -> jax.Array:
+    """``[B, 2, T]``: whether token t lies in each row's prompt / solution span (``[start, end)``)."""
+    t_T = jnp.arange(length)
+    return (t_T >= spans_B22[:, :, :1]) & (t_T < spans_B22[:, :, 1:])
 
 
 def pool_spans(values_BTK: jax.Array, spans_B2: jax.Array, keep_BT: jax.Array) -> jax.Array:
@@ -40,10 +48,10 @@ def pool_spans(values_BTK: jax.Array, spans_B2: jax.Array, keep_BT: jax.Array) -
     ``spans_B2`` holds ``[start, end)`` token ranges as ``[B, 2, 2]``; only kept tokens count; an empty
     span pools to zeros.
     """
-    t_T = jnp.arange(values_BTK.shape[1])
+    in_BST = keep_BT[:, None, :] & span_masks(spans_B2, values_BTK.shape[1])
     pooled = []
     for s in range(len(SPANS)):
-        in_BT = keep_BT & (t_T >= spans_B2[:, s, :1]) & (t_T < spans_B2[:, s, 1:])
+        in_BT = in_BST[:, s]
         count_B1 = jnp.sum(in_BT, axis=1, keepdims=True)
         inside_BTK = in_BT[..., None]
         mean_BK = jnp.sum(jnp.where(inside_BTK, values_BTK, 0.0), axis=1) / jnp.maximum(count_B1, 1)
@@ -68,10 +76,14 @@ def pooled_codes(
 
 
 @functools.partial(jax.jit, static_argnames=("model_def", "sae_def", "layer", "outlier_factor"))
-def latent_counts(model_def, model_state, sae_def, sae_state, ids_BT, mask_BT, keep_BT, *, layer, outlier_factor):
-    """How many kept tokens of the batch activate each latent ``[F]`` (int32), and the kept-token count."""
+def latent_counts(
+    model_def, model_state, sae_def, sae_state, ids_BT, mask_BT, keep_BT, spans_B22, *, layer, outlier_factor
+):
+    """How many pooled tokens of the batch (kept, inside a span) activate each latent ``[F]`` (int32), and
+    the count of those tokens."""
     model = nnx.merge(model_def, model_state)
     x_BTD, keep_BT = residual_and_keep(model, ids_BT, mask_BT, keep_BT, layer, outlier_factor)
+    keep_BT = keep_BT & jnp.any(span_masks(spans_B22, ids_BT.shape[1]), axis=1)
     active_BTF = (nnx.merge(sae_def, sae_state).encode(x_BTD) > 0) & keep_BT[..., None]
     return jnp.sum(active_BTF, axis=(0, 1), dtype=jnp.int32), jnp.sum(keep_BT, dtype=jnp.int32)
 

@@ -16,16 +16,18 @@ from pathlib import Path
 
 import numpy as np
 
+from saerl_jax.errors import UserError
 from saerl_jax.io import atomic_write
 
 MANIFEST = "manifest.json"
 FORMAT_VERSION = 1
 # Manifest keys that must agree before a run may add parts to an existing store.
 IDENTITY_KEYS = ("format_version", "model", "layer", "sae", "dataset", "options", "latent_ids", "columns", "ids")
+_ABSENT = object()  # a key one side of a comparison lacks
 
 
-class StoreMismatchError(ValueError):
-    """An existing store was made with another model, layer, SAE, dataset or options."""
+class StoreMismatchError(UserError):
+    """An existing store was made with another model, layer, SAE, dataset or options, or is unreadable."""
 
 
 def file_hash(*paths: Path) -> str:
@@ -59,6 +61,39 @@ class FeatureStore:
         return self.features[:, self.columns.index(name)]
 
 
+def read_manifest(directory: Path) -> dict:
+    """The store's manifest; a file that is not a JSON object is an error naming it."""
+    path = Path(directory) / MANIFEST
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise StoreMismatchError(f"{path}: not valid JSON ({err}); delete the store and extract it again") from err
+    missing = [key for key in (*IDENTITY_KEYS, "part_size") if not isinstance(manifest, dict) or key not in manifest]
+    if missing:
+        raise StoreMismatchError(f"{path}: not a feature store manifest (missing {', '.join(missing)})")
+    return manifest
+
+
+def check_store(directory: Path, manifest: dict, keys: tuple[str, ...] = IDENTITY_KEYS) -> dict | None:
+    """Checks an existing store's ``keys`` against ``manifest``; returns the manifest on disk (None if none).
+
+    Raises:
+      StoreMismatchError: naming the store and every field that differs (``options.prompt_span``).
+    """
+    path = directory / MANIFEST
+    if not path.is_file():
+        return None
+    existing = read_manifest(directory)
+    differ = [field for key in keys for field in _differences(key, existing.get(key), manifest.get(key))]
+    if differ:
+        details = "; ".join(f"{name}: store has {_short(a)}, this run {_short(b)}" for name, a, b in differ)
+        raise StoreMismatchError(
+            f"{path}: this feature store was made differently ({details}); "
+            "refusing to mix features - write to a new --out directory"
+        )
+    return existing
+
+
 def open_store(directory: Path, manifest: dict) -> dict:
     """Creates the store with ``manifest``, or checks an existing one was made the same way.
 
@@ -69,25 +104,28 @@ def open_store(directory: Path, manifest: dict) -> dict:
       StoreMismatchError: naming every field that differs.
     """
     directory.mkdir(parents=True, exist_ok=True)
-    path = directory / MANIFEST
-    if path.is_file():
-        existing = json.loads(path.read_text())
-        differ = [key for key in IDENTITY_KEYS if existing.get(key) != manifest.get(key)]
-        if differ:
-            details = "; ".join(
-                f"{k}: store has {_short(existing.get(k))}, this run {_short(manifest.get(k))}" for k in differ
-            )
-            raise StoreMismatchError(
-                f"{path}: this feature store was made differently ({details}); "
-                "refusing to mix features - write to a new --out directory"
-            )
+    existing = check_store(directory, manifest)
+    if existing is not None:
         return existing
     text = json.dumps(manifest, indent=1) + "\n"
-    atomic_write(path, lambda tmp: Path(tmp).write_text(text))
+    atomic_write(directory / MANIFEST, lambda tmp: Path(tmp).write_text(text))
     return manifest
 
 
+def _differences(name: str, ours, theirs) -> list[tuple[str, object, object]]:
+    """``(field, store's, this run's)`` per differing field; mappings are compared key by key, and a key
+    one side lacks shows as ``(absent)``."""
+    if ours == theirs:
+        return []
+    if isinstance(ours, dict) and isinstance(theirs, dict):
+        keys = list(ours) + [k for k in theirs if k not in ours]
+        return [d for k in keys for d in _differences(f"{name}.{k}", ours.get(k, _ABSENT), theirs.get(k, _ABSENT))]
+    return [(name, ours, theirs)]
+
+
 def _short(value) -> str:
+    if value is _ABSENT:
+        return "(absent)"
     text = json.dumps(value)
     return text if len(text) <= 80 else f"{text[:60]}... ({len(value) if hasattr(value, '__len__') else ''} items)"
 
@@ -126,7 +164,7 @@ def load_store(directory: str | os.PathLike) -> FeatureStore:
     path = directory / MANIFEST
     if not path.is_file():
         raise FileNotFoundError(f"{directory}: not a feature store (no {MANIFEST})")
-    manifest = json.loads(path.read_text())
+    manifest = read_manifest(directory)
     ranges = part_ranges(len(manifest["ids"]), manifest["part_size"])
     missing = [part_name(i) for i in range(len(ranges)) if not (directory / part_name(i)).is_file()]
     if missing:

@@ -16,11 +16,18 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from saerl_jax.errors import UserError
 from saerl_jax.io import atomic_write
 from saerl_jax.model.qwen2 import Qwen2, Qwen2Config
 
 _SINGLE_FILE = "model.safetensors"
 _INDEX_FILE = "model.safetensors.index.json"
+
+
+class CheckpointError(UserError):
+    """A model directory that cannot be loaded: bad ``config.json``, or a missing, unexpected or mis-shaped
+    tensor; the message names the file and the tensor."""
+
 
 # HF tensor name -> (our state path with {i} for the layer, transpose?). Linear weights are stored
 # [out, in] by PyTorch and [in, out] by nnx.Linear.
@@ -68,7 +75,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
         try:
             weight_map = json.loads(index_file.read_text())["weight_map"]
         except (json.JSONDecodeError, KeyError) as err:
-            raise ValueError(f"{index_file}: not a safetensors index (no weight_map): {err}") from err
+            raise CheckpointError(f"{index_file}: not a safetensors index (no weight_map): {err}") from err
         files = {name: path / file for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             if not file.is_file():
@@ -77,7 +84,7 @@ def _tensor_files(path: Path) -> dict[str, Path]:
             with safe_open(file, framework="numpy") as f:
                 for name in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
                     if name not in files:
-                        raise ValueError(f"{file}: tensor {name} is not listed in {index_file.name}")
+                        raise CheckpointError(f"{file}: tensor {name} is not listed in {index_file.name}")
         return files
     if single_file.is_file():
         with safe_open(single_file, framework="numpy") as f:
@@ -91,12 +98,16 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Qwen2:
     Tensors are read one at a time, cast to ``dtype`` and placed on the default device, so host memory
     never holds a second copy of the model. Every expected tensor must be present with its exact
     shape and every stored tensor must be used (a stored ``lm_head.weight`` is ignored when the
-    embeddings are tied); otherwise a ``ValueError`` names the tensor and the file.
+    embeddings are tied); otherwise a :class:`CheckpointError` names the tensor and the file.
     """
     path = Path(path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: not a directory")
-    config = Qwen2Config.from_pretrained(path)
+    try:
+        config = Qwen2Config.from_pretrained(path)
+    except ValueError as err:
+        source = path / "config.json"
+        raise CheckpointError(str(err) if str(err).startswith(str(source)) else f"{source}: {err}") from err
     files = _tensor_files(path)
     abstract = nnx.eval_shape(lambda: Qwen2(config, dtype=dtype, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -110,12 +121,12 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Qwen2:
                     continue
                 target = hf_to_path(name)
                 if target is None or target[0] not in variables:
-                    raise ValueError(f"{file}: unexpected tensor {name} (not part of {_describe(config)})")
+                    raise CheckpointError(f"{file}: unexpected tensor {name} (not part of {_describe(config)})")
                 key, transpose = target
                 expected = variables[key].get_value().shape
                 stored_shape = tuple(f.get_slice(name).get_shape())
                 if stored_shape != (expected[::-1] if transpose else expected):
-                    raise ValueError(
+                    raise CheckpointError(
                         f"{file}: tensor {name} has shape {list(stored_shape)}, "
                         f"expected {list(expected[::-1] if transpose else expected)}"
                     )
@@ -125,7 +136,8 @@ def load_pretrained(path: str | os.PathLike, dtype=jnp.float32) -> Qwen2:
     missing = [path_to_hf(k) for k in variables if k not in filled]
     if missing:
         where = path / (_INDEX_FILE if (path / _INDEX_FILE).is_file() else _SINGLE_FILE)
-        raise ValueError(f"{where}: missing tensor(s) {', '.join(missing[:8])}" + (" ..." if len(missing) > 8 else ""))
+        more = " ..." if len(missing) > 8 else ""
+        raise CheckpointError(f"{where}: missing tensor(s) {', '.join(missing[:8])}{more}")
     return nnx.merge(graphdef, state)
 
 

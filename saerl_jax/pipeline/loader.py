@@ -19,7 +19,7 @@ class BatchSource:
     """Grain ``RandomAccessDataSource``: record key -> the ``Problem`` rows of that host's batch slice."""
 
     def __init__(self, sampler: BatchSampler, problems: Mapping[str, Problem]):
-        missing = sorted({i for batch in sampler.table for i in batch} - set(problems))
+        missing = sorted(set(sampler.sample_ids) - set(problems))
         if missing:
             raise ValueError(f"{len(missing)} planned ids have no problem (first: {missing[0]})")
         self.sampler, self.problems = sampler, problems
