@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-slow lint format bench
+.PHONY: setup demo test test-slow smoke-real lint format bench
 
 setup: $(VENV)/.installed
 
@@ -16,11 +16,15 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/saerl demo
 
+# Two workers, a test file each at a time (module fixtures are built once); they share one XLA cache.
 test: setup lint
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow
+
+smoke-real: setup
+	$(BIN)/python scripts/smoke_real.py
 
 lint: setup
 	$(BIN)/ruff check .
@@ -40,3 +44,4 @@ bench: setup $(VENV)/.bench-installed
 	$(BIN)/python benchmarks/bench_extract.py
 	$(BIN)/python benchmarks/bench_engineer.py
 	$(BIN)/python benchmarks/bench_grpo.py
+	$(BIN)/python benchmarks/bench_accelerator.py

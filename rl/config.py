@@ -14,6 +14,8 @@ import itertools
 import textwrap
 from typing import Any, Literal
 
+from saerl_jax.precision import DType, check_dtype, resolve_compute_dtype
+
 LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceLevel = Literal["token", "sequence"]
 ScaleRewards = Literal["group", "batch", "none"]
@@ -40,6 +42,10 @@ class GRPOConfig:
     """Sampling temperature (> 0); log-probs in the loss use the same temperature."""
     top_p: float = 1.0
     """Nucleus sampling threshold."""
+    rollout_batch_size: int = 0
+    """Completions per ``generate`` call: a host's rollout rows are sampled in chunks of this many (the KV
+    cache and activations of one chunk are live at a time); 0 samples them all in one call. Never changes
+    what is sampled (every completion has its own key)."""
     # Objective.
     loss_type: LossType = "grpo"
     """Aggregation: grpo (per-sequence mean), bnpo / dapo (token-level), dr_grpo (fixed denominator)."""
@@ -89,6 +95,17 @@ class GRPOConfig:
     """AdamW decoupled weight decay."""
     max_grad_norm: float = 1.0
     """Global gradient-norm clip; 0 switches clipping off."""
+    # Precision.
+    param_dtype: DType = "float32"
+    """Master weights and optimizer state (the update is applied in this dtype)."""
+    compute_dtype: DType | None = None
+    """Matmuls and activations of the update and the rollouts (the params are cast to it inside each step;
+    norms' statistics, softmax, log-probs, loss and advantages stay float32); None: bfloat16 on accelerators,
+    float32 on CPU."""
+    reference_dtype: DType | None = None
+    """Storage of the frozen KL reference (with beta > 0); None: the compute dtype."""
+    cache_dtype: DType | None = None
+    """KV cache of the rollouts; None: the compute dtype."""
     # Loop.
     max_steps: int = 100
     """Optimizer steps of the run (each one rollout batch times num_iterations)."""
@@ -137,6 +154,8 @@ class GRPOConfig:
                 f"batch_size * num_generations = {rows} completions do not split into "
                 f"gradient_accumulation_steps={self.gradient_accumulation_steps} equal micro-batches"
             )
+        if self.rollout_batch_size < 0:
+            raise ValueError(f"rollout_batch_size must be >= 0 (0: all rows at once), got {self.rollout_batch_size}")
         if self.temperature <= 0:
             raise ValueError(f"temperature must be > 0 for RL sampling, got {self.temperature}")
         if not 0 < self.top_p <= 1:
@@ -153,6 +172,8 @@ class GRPOConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.epsilon_high is not None and self.epsilon_high < 0:
             raise ValueError(f"epsilon_high must be >= 0, got {self.epsilon_high}")
+        for name in ("param_dtype", "compute_dtype", "reference_dtype", "cache_dtype"):
+            check_dtype(name, getattr(self, name), optional=name != "param_dtype")
 
     @property
     def overlong_buffer_tokens(self) -> int:
@@ -160,6 +181,17 @@ class GRPOConfig:
         if self.overlong_buffer_len is None:
             return round(self.overlong_buffer_fraction * self.max_completion_length)
         return self.overlong_buffer_len
+
+    def with_resolved_precision(self) -> GRPOConfig:
+        """This config with its automatic (None) dtypes made concrete on this backend, as a run uses them and
+        its checkpoints record them (a resumed run must match)."""
+        compute = resolve_compute_dtype(self.compute_dtype)
+        return dataclasses.replace(
+            self,
+            compute_dtype=compute,
+            reference_dtype=self.reference_dtype or compute,
+            cache_dtype=self.cache_dtype or compute,
+        )
 
     @property
     def rows(self) -> int:

@@ -16,14 +16,15 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+from flax import nnx
 from tqdm.auto import tqdm
 
 from rl.benchmarks import EvalProblem, parse_benches
 from rl.rewards import RewardGrader, math_reward
-from rl.rollout import row_keys
+from rl.rollout import generate_chunks, row_keys
 from saerl_jax.data.prompt import format_example, load_tokenizer, stop_ids
 from saerl_jax.io import atomic_write
-from saerl_jax.model import Qwen2, generate, left_pad, load_pretrained
+from saerl_jax.model import Qwen2, SamplingConfig, bucket_length, left_pad, load_pretrained
 
 Grader = Callable[[Sequence[str], Sequence[str]], Sequence[float]]
 
@@ -69,26 +70,32 @@ class _Samples:
 
 
 def _sample(model, tokenizer, problems, *, n, seed, batch_size, desc, progress, **sampling) -> _Samples:
-    """n completions per problem in fixed-size batches of completions (filler rows pad the last one)."""
+    """n completions per problem, ``batch_size`` completions per sampler call (:func:`generate_chunks`, as
+    the trainer's rollouts); every prompt is left-padded to the bucket of the benchmark's longest."""
     eos_ids, pad_id = stop_ids(tokenizer)
     prompts = [format_example(tokenizer, p.question).input_ids for p in problems]
-    keys = row_keys(seed, 0, [p.id for p in problems], n)
-    total = len(problems) * n
+    ids, mask = left_pad(prompts, bucket_length(max(len(p) for p in prompts)))
+    graphdef, params = nnx.split(model)
+    chunks = generate_chunks(
+        graphdef,
+        params,
+        np.repeat(ids, n, axis=0),
+        np.repeat(mask, n, axis=0),
+        row_keys(seed, 0, [p.id for p in problems], n),
+        sampling=SamplingConfig(**sampling),
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        rows_per_call=batch_size,
+    )
     texts, lengths, truncated = [], [], []
-    bar = tqdm(total=total, desc=desc, unit="completion", disable=not progress)
-    for start in range(0, total, batch_size):
-        rows = np.minimum(np.arange(start, start + batch_size), total - 1)  # filler rows repeat the last
-        batch = [prompts[r // n] for r in rows]
-        ids, mask = left_pad(batch, max(len(p) for p in batch), pad_id)
-        out = generate(model, ids, mask, eos_token_id=eos_ids, rng=keys[rows], pad_token_id=pad_id, **sampling)
-        tokens, valid = np.asarray(out.tokens_BN), np.asarray(out.mask_BN).astype(bool)
-        for i in range(min(batch_size, total - start)):
-            ended = np.isin(tokens[i], eos_ids) & valid[i]
-            kept = tokens[i][valid[i] & ~ended]
-            texts.append(tokenizer.decode(kept.tolist(), skip_special_tokens=True))
-            lengths.append(int(valid[i].sum()))
+    bar = tqdm(total=len(problems) * n, desc=desc, unit="completion", disable=not progress)
+    for out in chunks:
+        for tokens, valid in zip(out.tokens_BN, out.mask_BN.astype(bool), strict=True):
+            ended = np.isin(tokens, eos_ids) & valid
+            texts.append(tokenizer.decode(tokens[valid & ~ended].tolist(), skip_special_tokens=True))
+            lengths.append(int(valid.sum()))
             truncated.append(not ended.any())
-        bar.update(min(batch_size, total - start))
+        bar.update(len(out.tokens_BN))
     bar.close()
     return _Samples(texts, np.asarray(lengths), np.asarray(truncated))
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
 import jax
@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from saerl_jax.model import Qwen2, SamplingConfig, causal_mask, generate_fn, positions_from_mask
+from saerl_jax.model import GenerateOutput, Qwen2, SamplingConfig, causal_mask, generate_fn, positions_from_mask
 from saerl_jax.model.sampling import left_align
+from saerl_jax.precision import cast_floating
 
 
 class Rollout(NamedTuple):
@@ -82,6 +83,7 @@ def rollout(
     sampling: SamplingConfig,
     eos_ids: Sequence[int],
     pad_id: int,
+    rows_per_call: int = 0,
 ) -> Rollout:
     """Samples ``num_generations`` completions for each prompt of a host batch.
 
@@ -92,6 +94,7 @@ def rollout(
       num_generations: G.
       sampling: temperature, top-p and the completion budget N.
       eos_ids: tokens that end a completion; pad_id is written after them.
+      rows_per_call: completions per ``generate`` call (see :func:`generate_chunks`); 0 means all.
 
     Returns:
       :class:`Rollout` with ``b * G`` rows.
@@ -99,20 +102,62 @@ def rollout(
     ids_BP, mask_BP = left_align(np.asarray(input_ids_BP), np.asarray(attention_mask_BP), input_ids_BP.shape[1])
     ids_BP = np.repeat(ids_BP, num_generations, axis=0)
     mask_BP = np.repeat(mask_BP, num_generations, axis=0)
-    eos_E = np.asarray(eos_ids, np.int32)
-    out = generate_fn(
-        graphdef,
-        params,
-        jnp.asarray(ids_BP),
-        jnp.asarray(mask_BP),
-        keys,
-        jnp.asarray(eos_E),
-        jnp.int32(pad_id),
-        sampling,
+    chunks = list(
+        generate_chunks(
+            graphdef,
+            params,
+            ids_BP,
+            mask_BP,
+            keys,
+            sampling=sampling,
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+            rows_per_call=rows_per_call,
+        )
     )
-    tokens_BN, logp_BN, cmask_BN = (np.asarray(a) for a in out)
-    ended_B = (np.isin(tokens_BN, eos_E) & (cmask_BN == 1)).any(axis=1)
+    tokens_BN, logp_BN, cmask_BN = (np.concatenate(parts) for parts in zip(*chunks, strict=True))
+    ended_B = (np.isin(tokens_BN, np.asarray(eos_ids)) & (cmask_BN == 1)).any(axis=1)
     return Rollout(ids_BP, mask_BP, tokens_BN, cmask_BN, logp_BN, ~ended_B)
+
+
+def generate_chunks(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    ids_BP: np.ndarray,
+    mask_BP: np.ndarray,
+    keys_B: jax.Array,
+    *,
+    sampling: SamplingConfig,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    rows_per_call: int = 0,
+) -> Iterator[GenerateOutput]:
+    """:func:`generate_fn` over the rows of left-padded prompts, ``rows_per_call`` rows per call (0: all).
+
+    Every call has the same shape ``[rows_per_call, P]`` (the last is filled up with copies of the final
+    row, dropped from its output), so one compile serves them all; with one key per row the tokens do not
+    depend on the chunking. Only one chunk's KV cache and activations are live at a time.
+
+    Yields:
+      Each chunk's :class:`GenerateOutput` as host numpy arrays, in row order.
+    """
+    b = ids_BP.shape[0]
+    size = b if rows_per_call == 0 else min(rows_per_call, b)
+    eos_E = jnp.asarray(np.asarray(eos_ids, np.int32))
+    for start in range(0, b, size):
+        rows = np.minimum(np.arange(start, start + size), b - 1)
+        out = generate_fn(
+            graphdef,
+            params,
+            jnp.asarray(ids_BP[rows]),
+            jnp.asarray(mask_BP[rows]),
+            keys_B[rows],
+            eos_E,
+            jnp.int32(pad_id),
+            sampling,
+        )
+        kept = min(size, b - start)
+        yield GenerateOutput(*(np.asarray(a)[:kept] for a in out))
 
 
 def head_weight_DV(model: Qwen2) -> jax.Array:
@@ -176,7 +221,7 @@ def completion_logprobs(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk", "compute_dtype"))
 def logprobs_fn(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -186,10 +231,12 @@ def logprobs_fn(
     completion_mask_BN: jax.Array,
     temperature: float,
     chunk: int = 64,
+    compute_dtype: str | None = None,
 ) -> jax.Array:
     """:func:`completion_logprobs` (log-probs only) as a jitted function of the model state: the old
-    policy's log-probs before a multi-iteration update, or the frozen reference's."""
-    model = nnx.merge(graphdef, params)
+    policy's log-probs before a multi-iteration update, or the frozen reference's. The forward runs with
+    ``params`` cast to ``compute_dtype`` (None: as they are); the log-probs are float32."""
+    model = nnx.merge(graphdef, params if compute_dtype is None else cast_floating(params, compute_dtype))
     logp_BN, _ = completion_logprobs(
         model,
         prompt_ids_BP,

@@ -18,6 +18,7 @@ from flax import nnx
 from rl import losses
 from rl.config import GRPOConfig
 from rl.rollout import completion_logprobs
+from saerl_jax.precision import cast_floating, resolve_compute_dtype
 
 Batch = dict[str, jax.Array]
 """``prompt_ids_BP``, ``prompt_mask_BP``, ``completion_ids_BN``, ``loss_mask_BN`` (completion mask, with
@@ -54,7 +55,10 @@ def init_state(params: nnx.State, optimizer: optax.GradientTransformation) -> Tr
 
 
 def _micro_loss(params, graphdef, cfg: GRPOConfig, micro: Batch, advantages_B, num_items):
-    model = nnx.merge(graphdef, params)
+    # The model computes in its params' dtype: the cast to compute_dtype is differentiated through, so the
+    # gradients reach the master params in their own dtype (float32), and the lm-head matmul, log-probs,
+    # loss and advantages are float32 either way.
+    model = nnx.merge(graphdef, cast_floating(params, resolve_compute_dtype(cfg.compute_dtype)))
     logp_BN, entropy_BN = completion_logprobs(
         model,
         micro["prompt_ids_BP"],
@@ -92,6 +96,10 @@ def train_step(
     batch: Batch,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
     """One optimizer step on a rollout batch, accumulated over ``gradient_accumulation_steps``.
+
+    The forward and backward passes run in ``cfg.compute_dtype`` (None: see
+    :func:`~saerl_jax.precision.resolve_compute_dtype`); gradients, optimizer state and the update are in
+    the dtype of ``state.params`` (the float32 master weights).
 
     The metric ``nonfinite`` is 1 when the loss or the new parameters / optimizer state hold a non-finite
     value; with ``skip_nonfinite_steps`` such an update is dropped (``skipped_nonfinite``), the state kept.

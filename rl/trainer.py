@@ -51,10 +51,13 @@ from saerl_jax.errors import UserError
 from saerl_jax.features.extract import column_mapping
 from saerl_jax.model import SamplingConfig, load_pretrained, save_pretrained
 from saerl_jax.pipeline import CurriculumSampler, ExternalDifficultySampler, ShuffleSampler, make_loader
+from saerl_jax.precision import Precision, cast_floating
 from saerl_jax.sft import greedy_accuracy
 
-RESUMABLE_FIELDS = ("max_steps", "eval_steps", "eval_limit", "save_steps")
+RESUMABLE_FIELDS = ("max_steps", "eval_steps", "eval_limit", "save_steps", "rollout_batch_size")
 """Config fields a resumed run may change; any other difference is refused."""
+PRECISION_FIELDS = ("param_dtype", "compute_dtype", "reference_dtype", "cache_dtype")
+"""Config fields a checkpoint records resolved (None made concrete) and a resumed run must match."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -180,7 +183,7 @@ class Trainer:
     """Holds a run's model, data, mesh and checkpoint manager; :meth:`train` is the loop."""
 
     def __init__(self, job: TrainJob):
-        self.job, self.cfg = job, job.config
+        self.job, self.cfg = job, job.config.with_resolved_precision()
         cfg = self.cfg
         if cfg.batch_size % jax.process_count():
             raise UserError(f"batch_size={cfg.batch_size} does not split over {jax.process_count()} processes")
@@ -193,7 +196,7 @@ class Trainer:
             rows = load_problems(job.eval_data, limit=cfg.eval_limit).problems
             self.eval_rows = [{"question": p.question, "final_answer": p.final_answer} for p in rows]
         self.eos_ids, self.pad_id = stop_ids(self.tokenizer)
-        model = load_pretrained(job.model)
+        model = load_pretrained(job.model, jnp.dtype(cfg.param_dtype))
         self.graphdef, params = nnx.split(model)
         self.mesh = make_mesh(*job.mesh)
         self.optimizer = make_optimizer(cfg)
@@ -201,8 +204,10 @@ class Trainer:
         self.state_shardings = tree_shardings(state, self.mesh)
         self.state = jax.device_put(state, self.state_shardings)
         self.ref_params = None
-        if cfg.beta > 0:  # a separate copy: the state's buffers are donated to every update
-            self.ref_params = jax.tree.map(jnp.copy, self.state.params)
+        if cfg.beta > 0:  # a separate copy (the state's buffers are donated to every update), maybe narrower
+            self.ref_params = cast_floating(self.state.params, cfg.reference_dtype)
+            if cfg.reference_dtype == cfg.param_dtype:
+                self.ref_params = jax.tree.map(jnp.copy, self.ref_params)
         self.step_fn = jit_train_step(
             self.graphdef,
             cfg,
@@ -213,7 +218,10 @@ class Trainer:
         self.iterator = iter(make_loader(_sampler(job, self.problems, cfg), self.problems, self.tokenizer))
         self.queue = PromptQueue(self.iterator, cfg.max_prompt_length, self.pad_id, fixed=jax.process_count() > 1)
         self.sampling = SamplingConfig(
-            max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p
+            max_new_tokens=cfg.max_completion_length,
+            temperature=cfg.temperature,
+            top_p=cfg.top_p,
+            cache_dtype=cfg.cache_dtype,
         )
         options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
         self.manager = ocp.CheckpointManager(
@@ -226,6 +234,12 @@ class Trainer:
         self.resumed = job.resume and self.manager.latest_step() is not None
         if self.resumed:
             self._restore(self.manager.latest_step())
+        if jax.process_index() == 0:
+            reference = cfg.reference_dtype if cfg.beta > 0 else None
+            precision = Precision(
+                params=cfg.param_dtype, compute=cfg.compute_dtype, reference=reference, cache=cfg.cache_dtype
+            )
+            print(precision.describe(), flush=True)
 
     # --- checkpoints -------------------------------------------------------------------------------------
     def _save(self) -> None:
@@ -245,6 +259,17 @@ class Trainer:
     def _restore(self, step: int) -> None:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
         where = self.job.out / "checkpoints" / str(step)
+        meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        saved = config_from_dict(meta["config"])
+        # Checkpoints record resolved dtypes; one without them was written before mixed precision: float32.
+        saved = dataclasses.replace(saved, **{name: getattr(saved, name) or "float32" for name in PRECISION_FIELDS})
+        for name in PRECISION_FIELDS:
+            if getattr(saved, name) != getattr(self.cfg, name):
+                raise UserError(
+                    f"{where}: written with {name}={getattr(saved, name)}, but this run has {name}="
+                    f"{getattr(self.cfg, name)}; a run resumes in the precision it was written with: pass "
+                    f"--{name.replace('_', '-')} {getattr(saved, name)}, or start a new --out"
+                )
         try:
             restored = self.manager.restore(
                 step,
@@ -256,7 +281,6 @@ class Trainer:
             )
         except ValueError as err:  # Grain: another sampler (order, batch size or host count)
             raise UserError(f"{where}: the checkpoint does not match this run's data: {err}") from None
-        saved = config_from_dict(restored.meta["config"])
         changed = [
             f.name
             for f in dataclasses.fields(self.cfg)
@@ -292,13 +316,15 @@ class Trainer:
             sampling=self.sampling,
             eos_ids=self.eos_ids,
             pad_id=self.pad_id,
+            rows_per_call=self.cfg.rollout_batch_size,
         )
 
     def _decode(self, tokens_BN: np.ndarray) -> list[str]:
         return self.tokenizer.batch_decode(tokens_BN.tolist(), skip_special_tokens=True)
 
     def _collect(self) -> GradedBatch:
-        roll = functools.partial(self._roll, params=_host_params(self.state.params))
+        params = _host_params(cast_floating(self.state.params, self.cfg.compute_dtype))  # sampled in compute dtype
+        roll = functools.partial(self._roll, params=params)
         grade = self.job.reward or self.grader
         reward_fn = functools.partial(shaped_rewards, cfg=self.cfg, grade=grade, format_reward=format_reward)
 
@@ -319,7 +345,11 @@ class Trainer:
         batch = shard_batch(host, self.mesh)
         args = [batch[k] for k in ("prompt_ids_BP", "prompt_mask_BP", "completion_ids_BN", "loss_mask_BN")]
         logp = functools.partial(
-            logprobs_fn, self.graphdef, temperature=self.cfg.temperature, chunk=self.cfg.logprob_chunk
+            logprobs_fn,
+            self.graphdef,
+            temperature=self.cfg.temperature,
+            chunk=self.cfg.logprob_chunk,
+            compute_dtype=self.cfg.compute_dtype,
         )
         if self.cfg.beta > 0:
             batch["ref_logp_BN"] = logp(self.ref_params, *args)

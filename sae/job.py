@@ -19,6 +19,7 @@ from saerl_jax.data import format_example, load_tokenizer
 from saerl_jax.errors import UserError
 from saerl_jax.io import atomic_write
 from saerl_jax.model import load_pretrained, pad_sequences
+from saerl_jax.precision import DType, cast_floating, resolve_compute_dtype
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -60,6 +61,11 @@ class TrainSAEJob:
     """Seed of initialisation and data order."""
     checkpoint_every: int = 500
     """Steps between checkpoints; a rerun with the same ``out`` resumes."""
+    param_dtype: DType = "float32"
+    """The SAE's master weights and optimizer state during training."""
+    compute_dtype: DType | None = None
+    """The model's forward (the activations) and the SAE's matmuls; None: bfloat16 on accelerators, float32
+    on CPU."""
 
 
 def read_documents(path: Path, tokenizer, max_tokens: int) -> list[np.ndarray]:
@@ -96,7 +102,9 @@ def run_train_sae(job: TrainSAEJob) -> dict[str, float]:
     """Trains, saves and evaluates the SAE; prints a metrics table and returns the metrics."""
     if job.data is None:
         raise UserError("train-sae needs --data (documents for training and evaluation)")
-    model = load_pretrained(job.model)
+    compute_dtype = resolve_compute_dtype(job.compute_dtype)
+    graphdef, weights = nnx.split(load_pretrained(job.model))
+    model = nnx.merge(graphdef, cast_floating(weights, compute_dtype))  # computes in compute_dtype
     if not 0 < job.layer < model.config.num_hidden_layers:
         raise UserError(
             f"--layer {job.layer} is out of range for {job.model} ({model.config.num_hidden_layers} layers)"
@@ -142,6 +150,8 @@ def run_train_sae(job: TrainSAEJob) -> dict[str, float]:
         lr=job.lr,
         seed=job.seed,
         checkpoint_every=job.checkpoint_every,
+        param_dtype=job.param_dtype,
+        compute_dtype=compute_dtype,
     )
     job.out.mkdir(parents=True, exist_ok=True)
     sae, _ = train(sae, source, cfg, checkpoint_dir=job.out / "checkpoints")

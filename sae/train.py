@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from sae.model import SparseAutoencoder, batch_topk_codes, topk_codes
 from sae.sparse import encoder_columns, sparse_decode, top_k
+from saerl_jax.precision import DType, Precision, cast_floating, check_dtype, resolve_compute_dtype
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -64,10 +65,17 @@ class TrainConfig:
     """Seeds initialisation and data order."""
     checkpoint_every: int = 500
     """Steps between Orbax checkpoints (and at the end)."""
+    param_dtype: DType = "float32"
+    """Master weights and optimizer state of the training state."""
+    compute_dtype: DType | None = None
+    """Encoder and decoder matmuls (the parameters are cast to it inside the step; the loss stays float32);
+    None: bfloat16 on accelerators, float32 on CPU."""
 
     def __post_init__(self) -> None:
         if self.total_steps < 1 or self.batch_size < 1:
             raise ValueError("total_steps and batch_size must be >= 1")
+        check_dtype("param_dtype", self.param_dtype, optional=False)
+        check_dtype("compute_dtype", self.compute_dtype)
         if not 0 <= self.decay_fraction <= 1:
             raise ValueError(f"decay_fraction must be in [0, 1], got {self.decay_fraction}")
 
@@ -212,8 +220,9 @@ def _topk_loss(sae: SparseAutoencoder, x_ND: jax.Array, dead_F: jax.Array, cfg: 
 
     pre_NK, indices_NK = selected(pre_NF, sae.config.k)
     acts_NK = jax.nn.relu(pre_NK)
-    err_ND = xn_ND - (sparse_decode(acts_NK, indices_NK, w_dec_FD) + sae.b_dec[...])
-    total_var = jnp.sum((xn_ND - xn_ND.mean(axis=0)) ** 2)
+    x_hat_ND = sparse_decode(acts_NK, indices_NK, w_dec_FD) + sae.b_dec[...]
+    err_ND = xn_ND.astype(jnp.float32) - x_hat_ND.astype(jnp.float32)  # the loss in float32 whatever the compute
+    total_var = jnp.sum((xn_ND.astype(jnp.float32) - xn_ND.astype(jnp.float32).mean(axis=0)) ** 2)
     fvu = jnp.sum(err_ND**2) / total_var
     k_aux = min(sae.config.d_in // 2, sae.config.d_sae)
 
@@ -242,10 +251,9 @@ def train_step(graphdef: nnx.GraphDef, cfg: TrainConfig, state: dict[str, Any], 
     tx = make_optimizer(cfg, state["params"]["b_enc"].shape[0])
     dead_F = state["since_fired"] > cfg.dead_after_tokens
 
-    def loss_fn(params):
-        return sae_loss(
-            nnx.merge(graphdef, _transpose_encoder(params), state["rest"]), x_ND, dead_F, state["step"], cfg
-        )
+    def loss_fn(params):  # the cast to the compute dtype is differentiated through: gradients in param_dtype
+        params = cast_floating(_transpose_encoder(params), resolve_compute_dtype(cfg.compute_dtype))
+        return sae_loss(nnx.merge(graphdef, params, state["rest"]), x_ND, dead_F, state["step"], cfg)
 
     (_, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
     metrics = aux.metrics
@@ -312,6 +320,7 @@ def init_state(sae: SparseAutoencoder, cfg: TrainConfig, first_batch_ND: np.ndar
     if sae.config.architecture == "jumprelu":
         sae.threshold.set_value(jnp.full_like(sae.threshold[...], cfg.jumprelu_init_threshold))
     graphdef, params, rest = nnx.split(sae, nnx.Param, ...)
+    params = cast_floating(params, cfg.param_dtype)
     params, rest = jax.tree.map(jnp.copy, (_transpose_encoder(params), rest))  # the step donates its state
     state = {
         "params": params,
@@ -341,6 +350,7 @@ def train(
     Returns:
       The trained SAE and the metrics of every step (host floats, read one step late).
     """
+    print(Precision(params=cfg.param_dtype, compute=resolve_compute_dtype(cfg.compute_dtype)).describe(), flush=True)
     manager = _checkpoint_manager(checkpoint_dir, cfg)
     position = [0, 0]
     batches = source.iterate(position)

@@ -22,6 +22,7 @@ from saerl_jax.engineering.report import render_report
 from saerl_jax.engineering.run import EngineerJob, run_engineer
 from saerl_jax.errors import UserError
 from saerl_jax.features.extract import ExtractJob, run_extract
+from saerl_jax.precision import DTYPES
 
 # Errors that are the user's to fix: reported in one line unless --debug.
 _USER_ERRORS = (UserError, FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError)
@@ -76,6 +77,8 @@ def _train_sae_parser(sub) -> None:
     p.add_argument("--eval-fraction", type=float, default=d.eval_fraction, help="held-out documents (%(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="random seed (%(default)s)")
     p.add_argument("--checkpoint-every", type=int, default=d.checkpoint_every, help="steps between checkpoints")
+    p.add_argument("--param-dtype", choices=DTYPES, default=d.param_dtype, help="SAE master weights (%(default)s)")
+    p.add_argument("--compute-dtype", choices=DTYPES, help="matmuls (default: bfloat16 on accelerators, else float32)")
 
     p.set_defaults(run=lambda args: run_train_sae(_to_config(TrainSAEJob, args)))
 
@@ -287,6 +290,41 @@ example:
     p.set_defaults(run=run)
 
 
+def _plan_memory_parser(sub) -> None:
+    p = sub.add_parser(
+        "plan-memory", help="compile the train step and rollout from abstract shapes and report bytes per device"
+    )
+    _add_config_option(p)
+    p.add_argument("--model-config", type=Path, help="HF config.json of the model (or its directory); no weights")
+    p.add_argument("--devices", type=int, default=1, help="devices simulated on the host CPU (%(default)s)")
+    p.add_argument("--mesh", type=int, nargs=3, default=[-1, 1, 1], metavar=("DATA", "FSDP", "TENSOR"))
+    p.add_argument("--algo", choices=sorted(ALGOS), default="grpo", help="algorithm and its defaults (%(default)s)")
+    p.add_argument("--param-dtype", default="float32", help="parameter dtype (%(default)s)")
+    p.add_argument("--compile-layers", type=int, default=0, help="compile k and 2k layers, extrapolate (0: all)")
+    p.add_argument("--device-memory", help="memory of one device, e.g. 80GB: also search settings that fit")
+    options = ("batch_size", "num_generations", "max_prompt_length", "max_completion_length")
+    options += ("gradient_accumulation_steps", "rollout_batch_size", "beta", "num_iterations", "logprob_chunk")
+    docs = field_docs(GRPOConfig)
+    for name in (*options, "remat"):
+        kind = _bool if name == "remat" else type(getattr(GRPOConfig(), name))
+        p.add_argument("--" + name.replace("_", "-"), type=kind, metavar=name.upper(), help=docs[name])
+
+    def run(args: argparse.Namespace) -> None:
+        from rl.memory import MemoryPlanJob, run_plan_memory
+
+        chosen = {name: getattr(args, name) for name in (*options, "remat") if getattr(args, name) is not None}
+        try:
+            config = ALGOS[args.algo](**chosen)
+            job = _to_config(
+                MemoryPlanJob, argparse.Namespace(**{**vars(args), "config": config, "mesh": tuple(args.mesh)})
+            )
+            print(run_plan_memory(job), end="")
+        except ValueError as err:
+            raise _as_user_error(err) from err
+
+    p.set_defaults(run=run)
+
+
 def _to_config(cls, args: argparse.Namespace):
     """The command's dataclass from parsed options; a required option given nowhere is an error."""
     fields = dataclasses.fields(cls)
@@ -318,6 +356,7 @@ def build_parser() -> argparse.ArgumentParser:
     _report_parser(sub)
     _train_parser(sub)
     _eval_parser(sub)
+    _plan_memory_parser(sub)
     for subparser in sub.choices.values():  # --config sets its defaults on the command's own parser
         subparser.set_defaults(subparser=subparser)
         # SUPPRESS: when not given after the command, the global --debug's value stands.

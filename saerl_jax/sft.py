@@ -20,6 +20,7 @@ from rl.rewards import math_reward
 from saerl_jax.data import tinymath
 from saerl_jax.data.prompt import format_example
 from saerl_jax.model import Qwen2, Qwen2Config, generate, left_pad
+from saerl_jax.precision import DType, Precision, cast_floating, check_dtype, resolve_compute_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +43,15 @@ class SFTConfig:
     """Global gradient-norm clip."""
     seed: int = 0
     """Batch order seed."""
+    param_dtype: DType = "float32"
+    """Master weights and optimizer state (the model's parameters are cast to it, in place)."""
+    compute_dtype: DType | None = None
+    """Matmuls and activations of the forward and backward passes (the loss stays float32); None: bfloat16 on
+    accelerators, float32 on CPU."""
+
+    def __post_init__(self) -> None:
+        check_dtype("param_dtype", self.param_dtype, optional=False)
+        check_dtype("compute_dtype", self.compute_dtype)
 
 
 def tinymath_sft_rows(n: int) -> list[dict]:
@@ -108,10 +118,20 @@ def token_loss(model: Qwen2, ids_BT: jax.Array, attention_BT: jax.Array, loss_BT
     return jnp.sum(losses * weights) / jnp.maximum(jnp.sum(weights), 1.0)
 
 
-@nnx.jit(donate_argnums=(0, 1))
-def train_step(model: Qwen2, optimizer: nnx.Optimizer, ids_BT, attention_BT, loss_BT) -> jax.Array:
-    """One AdamW step on a batch; returns the loss."""
-    loss, grads = nnx.value_and_grad(token_loss)(model, ids_BT, attention_BT, loss_BT)
+@nnx.jit(donate_argnums=(0, 1), static_argnames=("compute_dtype",))
+def train_step(
+    model: Qwen2, optimizer: nnx.Optimizer, ids_BT, attention_BT, loss_BT, compute_dtype: str = "float32"
+) -> jax.Array:
+    """One AdamW step on a batch, forward and backward in ``compute_dtype`` (the parameters are cast to it
+    inside the differentiated function, so the gradients and the update keep their dtype); returns the loss."""
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss_fn(params):
+        return token_loss(
+            nnx.merge(graphdef, cast_floating(params, compute_dtype), rest), ids_BT, attention_BT, loss_BT
+        )
+
+    loss, grads = jax.value_and_grad(loss_fn)(params)
     optimizer.update(model, grads)
     return loss
 
@@ -134,11 +154,16 @@ def train(model: Qwen2, data: SFTData, cfg: SFTConfig, *, evaluate=None, eval_ev
       ``(losses, evaluations)``: the loss of every step and the values ``evaluate`` returned, by step.
       ``evaluate`` may return ``"stop"`` to end training early.
     """
+    compute_dtype = resolve_compute_dtype(cfg.compute_dtype)
+    print(Precision(params=cfg.param_dtype, compute=compute_dtype).describe(), flush=True)
+    nnx.update(model, cast_floating(nnx.state(model, nnx.Param), cfg.param_dtype))
     optimizer = nnx.Optimizer(model, make_optimizer(cfg), wrt=nnx.Param)
     losses, evaluations = [], {}
     bar = tqdm(total=cfg.steps, desc="sft", unit="step", disable=not progress)
     for step, ids, attention, loss_mask in batches(data, cfg):
-        loss = train_step(model, optimizer, jnp.asarray(ids), jnp.asarray(attention), jnp.asarray(loss_mask))
+        loss = train_step(
+            model, optimizer, jnp.asarray(ids), jnp.asarray(attention), jnp.asarray(loss_mask), compute_dtype
+        )
         losses.append(loss)
         bar.update(1)
         if step % 25 == 0:

@@ -10,7 +10,7 @@ import torch
 from conftest import CONFIGS, padded_batch, save_hf_qwen2
 
 from saerl_jax.model import forward, generate, load_pretrained
-from saerl_jax.model.sampling import inverse_cdf_sample, nucleus_threshold
+from saerl_jax.model.sampling import gumbel_max_sample, nucleus_threshold
 
 
 @pytest.fixture(scope="module")
@@ -156,12 +156,15 @@ def test_bad_arguments(models):
     assert jnp.asarray(ids).shape == (1, 4)
 
 
-def test_inverse_cdf_sampling_follows_the_distribution():
+@pytest.mark.parametrize("block", [4, 128])  # two blocks, the last padded; one block larger than V
+def test_gumbel_max_sampling_follows_the_distribution(block):
     probs = np.array([0.0, 0.5, 0.0, 0.2, 0.3, 0.0], np.float32)
     n = 20000
     tokens = np.asarray(
         # unnormalised probabilities, one key per row
-        inverse_cdf_sample(jnp.broadcast_to(jnp.asarray(probs) * 3.0, (n, 6)), jax.random.split(jax.random.key(0), n))
+        gumbel_max_sample(
+            jnp.broadcast_to(jnp.asarray(probs) * 3.0, (n, 6)), jax.random.split(jax.random.key(0), n), block
+        )
     )
     freq = np.bincount(tokens, minlength=6) / n
     assert freq[[0, 2, 5]].sum() == 0  # zero-probability tokens are never drawn

@@ -192,12 +192,20 @@ class Linear(nnx.Linear):
         return super().__call__(x.reshape(-1, x.shape[-1])).reshape(*x.shape[:-1], -1)
 
 
+class Embed(nnx.Embed):
+    """``nnx.Embed`` that computes in the dtype of its table (like :class:`Linear` with ``dtype=None``)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dtype = None  # nnx.Embed would fix it to the table's dtype at construction
+
+
 def _linear(cfg: Qwen2Config, d_in: int, d_out: int, bias: bool, dtype, rngs: nnx.Rngs) -> Linear:
     return Linear(
         d_in,
         d_out,
         use_bias=bias,
-        dtype=dtype,
+        dtype=None,  # compute in the dtype of the (possibly cast) parameters and input
         param_dtype=dtype,
         kernel_init=nnx.initializers.normal(cfg.initializer_range),
         rngs=rngs,
@@ -240,7 +248,7 @@ class Qwen2Attention(nnx.Module):
                 jax.lax.dynamic_update_slice(cache.k_BKSH, k_BKSH.astype(cache.k_BKSH.dtype), start),
                 jax.lax.dynamic_update_slice(cache.v_BKSH, v_BKSH.astype(cache.v_BKSH.dtype), start),
             )
-            k_BKSH, v_BKSH = cache
+            k_BKSH, v_BKSH = (c.astype(x_BTD.dtype) for c in cache)  # a cache_dtype other than compute
         q_BKGTH = q_BTNH.reshape(b, t, k_heads, g, h).transpose(0, 2, 3, 1, 4)
         if t == 1:
             # One query token (a decode step): a broadcast multiply-and-sum. XLA:CPU runs the
@@ -294,15 +302,18 @@ def _block_output(layer: Qwen2DecoderLayer, x_BTD, cos_sin, mask_BTS) -> jax.Arr
 
 
 class Qwen2(nnx.Module):
-    """``Qwen2ForCausalLM``: token embedding, decoder blocks, final RMSNorm and LM head."""
+    """``Qwen2ForCausalLM``: token embedding, decoder blocks, final RMSNorm and LM head.
+
+    It computes in the dtype of its parameters (``dtype`` at construction): merging ``nnx.split`` state
+    cast to bfloat16 gives a bfloat16 model (matmuls, activations, rotary tables, KV cache), whatever the
+    graph was built with; RMSNorm statistics, attention softmax and sampling stay float32.
+    """
 
     def __init__(self, config: Qwen2Config, *, dtype=jnp.float32, rngs: nnx.Rngs):
         self.config = config
-        self.dtype = jnp.dtype(dtype)
-        self.embed_tokens = nnx.Embed(
+        self.embed_tokens = Embed(
             config.vocab_size,
             config.hidden_size,
-            dtype=dtype,
             param_dtype=dtype,
             embedding_init=nnx.initializers.normal(config.initializer_range),
             rngs=rngs,
@@ -316,6 +327,11 @@ class Qwen2(nnx.Module):
             if config.tie_word_embeddings
             else _linear(config, config.hidden_size, config.vocab_size, False, dtype, rngs)
         )
+
+    @property
+    def dtype(self) -> jnp.dtype:
+        """The compute dtype: that of the parameters (the embedding table's)."""
+        return jnp.dtype(self.embed_tokens.embedding.get_value().dtype)
 
     def __call__(
         self,
@@ -415,10 +431,11 @@ class Qwen2(nnx.Module):
             return self.embed_tokens.attend(x_BTD)
         return self.lm_head(x_BTD)
 
-    def init_cache(self, batch_size: int, num_slots: int) -> tuple[LayerCache, ...]:
-        """Zeroed key/value cache with ``num_slots`` positions per layer."""
+    def init_cache(self, batch_size: int, num_slots: int, dtype=None) -> tuple[LayerCache, ...]:
+        """Zeroed key/value cache with ``num_slots`` positions per layer, in ``dtype`` (default: the compute
+        dtype); keys and values are cast to it when written."""
         shape = (batch_size, self.config.num_key_value_heads, num_slots, self.config.head_dim)
+        dtype = self.dtype if dtype is None else jnp.dtype(dtype)
         return tuple(
-            LayerCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
-            for _ in range(self.config.num_hidden_layers)
+            LayerCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(self.config.num_hidden_layers)
         )

@@ -1,0 +1,206 @@
+"""The compiled memory plan: what it counts, the per-layer extrapolation, the estimate against the measured
+peak of the same step on CPU, the parameters split over 8 simulated devices, and the CLI."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from rl.config import GRPOConfig
+from rl.memory import PlanSetting, Usage, host_device_env, parse_bytes, plan
+from rl.sharding import batch_sharding, make_mesh, tree_shardings
+from rl.step import init_state, jit_train_step, make_optimizer
+from saerl_jax.cli import main
+from saerl_jax.model import Qwen2, Qwen2Config
+
+ROOT = Path(__file__).resolve().parents[1]
+MODEL = Qwen2Config(
+    vocab_size=1024,
+    hidden_size=128,
+    intermediate_size=256,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    tie_word_embeddings=True,
+)
+CONFIG = GRPOConfig(batch_size=4, num_generations=4, max_prompt_length=32, max_completion_length=64, beta=0.04)
+MEASURED_FACTOR = 2.0
+"""The compiled estimate of the train step's peak is within this factor of the measured RSS peak."""
+
+
+@pytest.fixture(scope="module")
+def tiny_plan():
+    return plan(PlanSetting(model=MODEL, config=CONFIG, mesh=(1, 1, 1)))
+
+
+@pytest.mark.slow  # compiles several programs: about 30-60 s each on 2 cores
+def test_plan_counts_the_state_the_batch_and_the_donation(tiny_plan):
+    params = (
+        MODEL.vocab_size * MODEL.hidden_size
+        + MODEL.num_hidden_layers
+        * (
+            3 * MODEL.hidden_size**2  # q, o: D x D; k, v: D x D/2 (2 of 4 heads)
+            + 2 * 64
+            + MODEL.hidden_size  # biases of q (D), k and v (D/2 each)
+            + 3 * MODEL.hidden_size * MODEL.intermediate_size
+            + 2 * MODEL.hidden_size
+        )
+        + MODEL.hidden_size
+    )
+    param_count = sum(
+        x.size for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: Qwen2(MODEL, rngs=nnx.Rngs(0)))))
+    )
+    assert tiny_plan.reference_bytes == 4 * param_count
+    assert abs(param_count - params) < 0.01 * params
+    # params + two AdamW moments (+ small counters), float32
+    assert 3 * 4 * param_count <= tiny_plan.state_bytes <= 3 * 4 * param_count + 64
+    step = next(p for p in tiny_plan.phases if p.name == "train step")
+    rows, n, p = CONFIG.rows, CONFIG.max_completion_length, CONFIG.max_prompt_length
+    batch_bytes = 4 * (2 * rows * p + 2 * rows * n + rows + rows * n)  # ids, masks, rewards, ref log-probs
+    assert step.usage.argument_bytes == tiny_plan.state_bytes + batch_bytes
+    assert step.usage.alias_bytes == tiny_plan.state_bytes  # the state is donated and updated in place
+    assert step.resident_bytes == tiny_plan.reference_bytes
+    names = [p.name for p in tiny_plan.phases]
+    assert names == ["train step", f"rollout ({rows} rows per call)", "reference log-probs"]
+    assert tiny_plan.peak_bytes == max(p.usage.peak_bytes + p.resident_bytes for p in tiny_plan.phases)
+
+
+@pytest.mark.slow  # compiles several programs: about 30-60 s each on 2 cores
+def test_per_layer_extrapolation_matches_compiling_every_layer(tiny_plan):
+    extrapolated = plan(PlanSetting(model=MODEL, config=CONFIG, mesh=(1, 1, 1), compile_layers=1))
+    assert extrapolated.state_bytes == tiny_plan.state_bytes
+    for full, guess in zip(tiny_plan.phases, extrapolated.phases, strict=True):
+        assert guess.total_bytes == pytest.approx(full.total_bytes, rel=0.1), full.name
+
+
+@pytest.mark.slow  # compiles several programs: about 30-60 s each on 2 cores
+def test_a_smaller_rollout_chunk_and_accumulation_need_less(tiny_plan):
+    lean = dataclasses.replace(CONFIG, rollout_batch_size=4, gradient_accumulation_steps=4)
+    leaner = plan(PlanSetting(model=MODEL, config=lean, mesh=(1, 1, 1)))
+    for name in ("train step", "rollout"):
+        before = next(p for p in tiny_plan.phases if p.name.startswith(name))
+        after = next(p for p in leaner.phases if p.name.startswith(name))
+        assert after.usage.temp_bytes < before.usage.temp_bytes, name
+
+
+def _rss(field: str) -> int:
+    """``VmRSS`` / ``VmHWM`` of this process in bytes."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read the RSS peak")
+def test_compiled_estimate_is_within_a_factor_of_the_measured_peak():
+    mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
+    model = Qwen2(MODEL, rngs=nnx.Rngs(0))
+    graphdef, params = nnx.split(model)
+    optimizer = make_optimizer(CONFIG)
+    shardings = tree_shardings(jax.eval_shape(lambda p: init_state(p, optimizer), params), mesh)
+    step = jit_train_step(graphdef, CONFIG, optimizer, state_shardings=shardings, batch_shardings=batch_sharding(mesh))
+    rows, p, n = CONFIG.rows, CONFIG.max_prompt_length, CONFIG.max_completion_length
+    rng = np.random.default_rng(0)
+    host = {
+        "prompt_ids_BP": rng.integers(0, MODEL.vocab_size, (rows, p), dtype=np.int32),
+        "prompt_mask_BP": np.ones((rows, p), np.int32),
+        "completion_ids_BN": rng.integers(0, MODEL.vocab_size, (rows, n), dtype=np.int32),
+        "loss_mask_BN": np.ones((rows, n), np.int32),
+        "rewards_B": rng.normal(size=rows).astype(np.float32),
+        "ref_logp_BN": np.full((rows, n), -7.0, np.float32),
+    }
+    abstract = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), host)
+    compiled = step.lower(jax.eval_shape(lambda p: init_state(p, optimizer), params), abstract).compile()
+    usage = Usage.of(compiled)
+    state = jax.device_put(init_state(params, optimizer), shardings)
+    batch = jax.device_put(host)
+    jax.block_until_ready((state, batch))
+    before = _rss("VmRSS")  # the arguments are resident already
+    Path("/proc/self/clear_refs").write_text("5")  # the peak RSS starts again from the current RSS
+    state, metrics = compiled(state, batch)
+    jax.block_until_ready((state, metrics))
+    measured = _rss("VmHWM") - before
+    predicted = usage.peak_bytes - usage.argument_bytes  # outputs not aliased + temporaries
+    assert predicted > 50 * 10**6  # large enough to stand out of the allocator's noise
+    assert predicted / MEASURED_FACTOR <= measured <= predicted * MEASURED_FACTOR, (measured, predicted)
+
+
+@pytest.mark.slow  # compiles several programs: about 30-60 s each on 2 cores
+def test_parameters_split_over_eight_simulated_devices(tiny_plan, tmp_path):
+    script = (
+        "import json, dataclasses, jax\n"
+        "from rl.memory import PlanSetting, plan\n"
+        "from tests.test_memory_plan import MODEL, CONFIG\n"
+        "assert jax.device_count() == 8\n"
+        "p = plan(PlanSetting(model=MODEL, config=CONFIG, mesh=(1, 8, 1)))\n"
+        "print(json.dumps({'state': p.state_bytes, 'reference': p.reference_bytes}))\n"
+    )
+    env = host_device_env(8)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sharded = json.loads(proc.stdout.strip().splitlines()[-1])
+    # every tensor but the norms' weights divides by 8 along D
+    assert tiny_plan.state_bytes / 8 <= sharded["state"] <= tiny_plan.state_bytes / 8 * 1.05
+    assert tiny_plan.reference_bytes / 8 <= sharded["reference"] <= tiny_plan.reference_bytes / 8 * 1.05
+
+
+def test_parse_bytes_reads_decimal_units():
+    assert parse_bytes("80GB") == 80 * 10**9
+    assert parse_bytes("141 gb") == 141 * 10**9
+    assert parse_bytes("512MB") == 512 * 10**6
+    with pytest.raises(ValueError, match="80GB"):
+        parse_bytes("lots")
+
+
+@pytest.mark.slow  # compiles several programs: about 30-60 s each on 2 cores
+def test_cli_plans_in_a_child_with_the_simulated_devices(tmp_path, capsys):
+    config = tmp_path / "config.json"
+    config.write_text(
+        json.dumps({"model_type": "qwen2", **dataclasses.asdict(dataclasses.replace(MODEL, num_hidden_layers=2))})
+    )
+    argv = ["plan-memory", "--model-config", str(config), "--devices", "2", "--mesh", "1", "2", "1"]
+    argv += [
+        "--batch-size",
+        "2",
+        "--num-generations",
+        "2",
+        "--max-prompt-length",
+        "16",
+        "--max-completion-length",
+        "16",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "on 2 device(s)" in out and "| train step |" in out and "mesh 1x2x1" in out
+    with pytest.raises(SystemExit, match="needs 3 devices, have 2"):
+        main([*argv[:5], "--mesh", "3", "1", "1", *argv[9:]])
+
+
+def test_full_size_fixtures_match_the_published_architectures():
+    small = Qwen2Config.from_pretrained(ROOT / "assets/configs/qwen2.5-math-1.5b")
+    big = Qwen2Config.from_pretrained(ROOT / "assets/configs/qwen2.5-math-7b")
+    assert (small.hidden_size, small.num_attention_heads, small.num_key_value_heads) == (1536, 12, 2)
+    assert small.tie_word_embeddings and small.vocab_size == 151936 and small.rope_theta == 10000.0
+    assert (big.hidden_size, big.intermediate_size, big.num_attention_heads, big.num_key_value_heads) == (
+        3584,
+        18944,
+        28,
+        4,
+    )
+    assert not big.tie_word_embeddings and big.vocab_size == 152064
+    count = sum(
+        x.size
+        for x in jax.tree.leaves(nnx.state(nnx.eval_shape(lambda: Qwen2(small, dtype=jnp.bfloat16, rngs=nnx.Rngs(0)))))
+    )
+    assert count == 1_543_714_304  # as in tests/test_model.py
