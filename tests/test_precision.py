@@ -133,6 +133,7 @@ def test_reward_goes_up_with_bfloat16_compute(tiny_model, tmp_path, capsys):
     assert last > max(5 * first, 0.5), rewards
 
 
+@pytest.mark.slow  # two trainers in bfloat16 on CPU, about 20 s
 def test_a_checkpoint_resumes_exactly_in_its_precision_and_refuses_another(tiny_model, tmp_path, capsys):
     cfg = dataclasses.replace(
         LEARN, batch_size=2, num_generations=4, beta=0.04, reference_dtype="bfloat16", max_steps=2, save_steps=1

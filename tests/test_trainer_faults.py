@@ -190,7 +190,10 @@ def load_params(params) -> list[np.ndarray]:
     return [np.asarray(x) for x in jax.tree.leaves(params)]
 
 
-@pytest.mark.parametrize("config", [CFG, DAPOConfig(**{**dataclasses.asdict(CFG), "loss_type": "dapo", "beta": 0.0})])
+DAPO_CFG = DAPOConfig(**{**dataclasses.asdict(CFG), "loss_type": "dapo", "beta": 0.0})
+
+
+@pytest.mark.parametrize("config", [CFG, pytest.param(DAPO_CFG, marks=pytest.mark.slow, id="dapo")])
 def test_a_resume_may_run_longer_across_an_epoch_boundary(tiny_model, data, tmp_path, config):
     longer = dataclasses.replace(config, max_steps=6, eval_steps=0)
     reference = tmp_path / "reference"
