@@ -16,9 +16,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(BIN)/saerl demo
 
-# Two workers that steal tests from each other at the end; they share one persistent XLA cache.
+# Two workers, a test file each at a time (module fixtures are built once); they share one XLA cache.
 test: setup lint
-	$(BIN)/python -m pytest -q -n 2 --dist worksteal
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow

@@ -13,6 +13,7 @@ from saerl_jax.data.tinymath import DEFAULT_DIR as ASSETS
 from saerl_jax.demo import DemoConfig
 
 
+@pytest.mark.slow  # the whole pipeline, about 60 s of CPU; `make demo` runs it at full size
 def test_demo_smoke_run_on_a_few_dozen_problems(tmp_path, capsys):
     out = tmp_path / "demo"
     argv = ["demo", "--out", str(out), "--problems", "24", "--eval-problems", "16", "--batch-size", "16"]

@@ -154,14 +154,15 @@ def test_ctrl_c_finishes_the_step_saves_and_stops(tiny_model, data, straight, tm
     assert_same_run(tmp_path, straight)
 
 
-def test_a_non_finite_step_stops_the_run_without_saving_it(tiny_model, data, straight, tmp_path):
-    class NaNAtStep3(Trainer):
-        def __init__(self, job):
-            super().__init__(job)
-            reward = self.job.reward
-            poisoned = lambda c, a: [float("nan")] * len(c) if self.step == 2 else reward(c, a)  # noqa: E731
-            self.job = dataclasses.replace(self.job, reward=poisoned)
+class NaNAtStep3(Trainer):
+    def __init__(self, job):
+        super().__init__(job)
+        reward = self.job.reward
+        poisoned = lambda c, a: [float("nan")] * len(c) if self.step == 2 else reward(c, a)  # noqa: E731
+        self.job = dataclasses.replace(self.job, reward=poisoned)
 
+
+def test_a_non_finite_step_stops_the_run_without_saving_it(tiny_model, data, straight, tmp_path):
     with pytest.raises(FloatingPointError, match=r"step 3: loss=nan .*latest checkpoint, step 2, is the last good"):
         NaNAtStep3(_job(tiny_model, data, tmp_path)).train()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["2"]
@@ -170,12 +171,15 @@ def test_a_non_finite_step_stops_the_run_without_saving_it(tiny_model, data, str
     Trainer(_job(tiny_model, data, tmp_path, resume=True)).train()
     assert_same_run(tmp_path, straight)
 
+
+@pytest.mark.slow  # compiles the skipping variant of the step
+def test_a_non_finite_step_can_be_skipped_and_counted(tiny_model, data, tmp_path):
     class Recorded(NaNAtStep3):
         def commit(self, state, row, sample_ids, log):
             super().commit(state, row, sample_ids, log)
             self.params_at = [*getattr(self, "params_at", []), load_params(self.state.params)]
 
-    skip = tmp_path / "skip"
+    skip = tmp_path
     trainer = Recorded(_job(tiny_model, data, skip, dataclasses.replace(CFG, skip_nonfinite_steps=True)))
     assert trainer.train()["step"] == CFG.max_steps
     assert [row["skipped_nonfinite"] for row in read_metrics(skip)] == [0, 0, 1, 0]
