@@ -44,11 +44,10 @@ from rl.rewards import RewardGrader, format_reward
 from rl.rollout import logprobs_fn, rollout, row_keys
 from rl.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
 from rl.step import TrainState, init_state, jit_train_step, make_optimizer
-from saerl_jax.data.problems import Problem, load_problems
+from saerl_jax.data.problems import Problem, column_mapping, load_problems
 from saerl_jax.data.prompt import load_tokenizer, stop_ids
 from saerl_jax.engineering.planner import Plan
 from saerl_jax.errors import UserError
-from saerl_jax.features.extract import column_mapping
 from saerl_jax.model import SamplingConfig, load_pretrained, save_pretrained
 from saerl_jax.pipeline import CurriculumSampler, ExternalDifficultySampler, ShuffleSampler, make_loader
 from saerl_jax.precision import Precision, cast_floating

@@ -234,6 +234,17 @@ def parquet_rows(
             raise ProblemDataError(f"{path}: row index {index}: unreadable parquet data ({e})") from None
 
 
+def column_mapping(pairs: tuple[str, ...]) -> dict[str, str]:
+    """``("question=problem", ...)`` -> ``{"question": "problem"}``."""
+    mapping = {}
+    for pair in pairs:
+        field, sep, column = pair.partition("=")
+        if not sep or not field or not column:
+            raise UserError(f"--column {pair!r}: expected FIELD=COLUMN, e.g. question=problem")
+        mapping[field] = column
+    return mapping
+
+
 def load_problems(
     path: str | os.PathLike,
     *,

@@ -11,7 +11,7 @@ from typing import Literal
 import numpy as np
 from sklearn.metrics import roc_auc_score
 
-from saerl_jax.data.problems import load_problems
+from saerl_jax.data.problems import column_mapping, load_problems
 from saerl_jax.engineering.difficulty import DifficultyModel
 from saerl_jax.engineering.diversity import Diversity
 from saerl_jax.engineering.planner import CurriculumPlanner
@@ -20,7 +20,6 @@ from saerl_jax.engineering.quality import QualityFilter
 from saerl_jax.engineering.report import render_report
 from saerl_jax.errors import UserError
 from saerl_jax.features import METADATA_COLUMNS, load_store
-from saerl_jax.features.extract import column_mapping
 from saerl_jax.features.store import MANIFEST, file_hash
 from saerl_jax.io import atomic_write
 

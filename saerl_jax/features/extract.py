@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 import sae as sae_lib
 from sae.activations import token_mask
 from saerl_jax.data import FormattedExample, format_example, load_tokenizer
-from saerl_jax.data.problems import Problem, load_problems
+from saerl_jax.data.problems import Problem, column_mapping, load_problems
 from saerl_jax.errors import UserError
 from saerl_jax.features import pooling
 from saerl_jax.features.store import (
@@ -101,17 +101,6 @@ class ExtractJob:
         for name in ("batch_size", "part_size", "n_latents"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be >= 1, got {getattr(self, name)}")
-
-
-def column_mapping(pairs: tuple[str, ...]) -> dict[str, str]:
-    """``("question=problem", ...)`` -> ``{"question": "problem"}``."""
-    mapping = {}
-    for pair in pairs:
-        field, sep, column = pair.partition("=")
-        if not sep or not field or not column:
-            raise UserError(f"--column {pair!r}: expected FIELD=COLUMN, e.g. question=problem")
-        mapping[field] = column
-    return mapping
 
 
 def format_problems(tokenizer, problems: list[Problem], job: ExtractJob) -> list[FormattedExample]:
