@@ -12,8 +12,10 @@ def atomic_write(target: str | os.PathLike, write: Callable[[str], object]) -> P
     """Calls ``write(tmp_path)`` on a temporary file beside ``target``, then renames it into place.
 
     A reader never sees a half-written ``target``; if ``write`` fails the old file (if any) is kept.
+    Missing parent folders are created.
     """
     target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
     os.close(fd)
     try:
