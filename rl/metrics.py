@@ -24,7 +24,8 @@ def _open_log(path: Path, resume_step: int | None):
 
 class MetricsLog:
     """Appends ``{"step": s, ...}`` rows to ``metrics.jsonl`` and mirrors them to TensorBoard; the sample
-    ids of each step go to ``batches.jsonl`` (``batches.<process>.jsonl`` on several hosts).
+    ids of each step go to ``batches.jsonl`` (``batches.<process>.jsonl`` on several hosts), and a row's
+    per-problem held-out scores (``eval_correct``, a list) to ``evals.jsonl``, for paired statistics.
 
     On resume from step s, rows after s (written after the checkpoint the run went back to) are dropped
     first, so the files of a resumed run equal those of an uninterrupted one.
@@ -47,6 +48,7 @@ class MetricsLog:
         self._batches = _open_log(
             directory / ("batches.jsonl" if count == 1 else f"batches.{index}.jsonl"), resume_step
         )
+        self._evals = _open_log(directory / "evals.jsonl", resume_step) if self.primary else None
         self._writer = None
         if tensorboard and self.primary:
             from tensorboardX import SummaryWriter
@@ -59,6 +61,11 @@ class MetricsLog:
         self._batches.flush()
         if not self.primary:
             return
+        row = dict(row)
+        scores = row.pop("eval_correct", None)
+        if scores is not None:
+            self._evals.write(json.dumps({"step": step, "correct": [float(v) for v in scores]}) + "\n")
+            self._evals.flush()
         clean = {k: (float(v) if math.isfinite(float(v)) else None) for k, v in row.items()}
         self._file.write(json.dumps({"step": step, **clean}, sort_keys=True) + "\n")
         self._file.flush()
@@ -72,6 +79,7 @@ class MetricsLog:
         self._batches.close()
         if self._file is not None:
             self._file.close()
+            self._evals.close()
         if self._writer is not None:
             self._writer.close()
 
@@ -80,3 +88,13 @@ def read_metrics(directory: str | os.PathLike) -> list[dict]:
     """The rows of a run's ``metrics.jsonl``."""
     path = Path(directory) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def read_evals(directory: str | os.PathLike) -> dict[int, list[float]]:
+    """Per evaluated step, the held-out problems' greedy scores (in the eval file's order) from
+    ``evals.jsonl``; empty for a run written before it existed."""
+    path = Path(directory) / "evals.jsonl"
+    if not path.is_file():
+        return {}
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {int(row["step"]): row["correct"] for row in rows}

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import signal
@@ -98,6 +99,15 @@ class TrainJob:
     reward: Callable[[Sequence[str], Sequence[str]], Sequence[float]] | None = None
     """A reward ``(completions, answers) -> scores`` replacing the math-verify grader (which then also
     gives the ``accuracy`` metric); format and overlong shaping still apply."""
+    replan: Callable[[int, Path, list[str]], Path] | None = None
+    """Adaptive re-planning (``sampler='plan'``, one process): at every step ``s`` that is a positive
+    multiple of ``replan_steps``, ``replan(s, hf_dir, seen_ids)`` gets the current policy exported to
+    ``out/replan/step-S/hf`` and the ids trained so far (in order), and returns the plan to train on from
+    step ``s + 1`` (its batches from the first). It must be deterministic in its arguments: a run resumed
+    from a checkpoint before the switch calls it again and must get the same plan (the plan's hash is
+    checked on resume)."""
+    replan_steps: int = 0
+    """Steps between re-plans; 0 never re-plans."""
 
 
 def _sampler(job: TrainJob, problems: dict[str, Problem], cfg: GRPOConfig):
@@ -116,18 +126,33 @@ def _sampler(job: TrainJob, problems: dict[str, Problem], cfg: GRPOConfig):
     if job.sampler == "plan":
         if job.plan is None:
             raise UserError("sampler='plan' needs a plan (saerl engineer writes plan.json)")
-        path = job.plan / "plan.json" if job.plan.is_dir() else job.plan
-        plan = Plan.load(path)
-        sizes = sorted({len(batch) for batch in plan.batches})
-        if sizes != [cfg.batch_size]:
-            planned = "/".join(str(size) for size in sizes)
-            raise UserError(
-                f"{path}: the plan's batches hold {planned} ids but batch_size={cfg.batch_size}; a step trains "
-                f"exactly one plan batch, so re-plan with saerl engineer --batch-size {cfg.batch_size} or train "
-                f"with --batch-size {sizes[-1]}"
-            )
-        return CurriculumSampler(plan, seed=job.data_seed, shard_options=shard)
+        return _plan_sampler(job.plan, problems, cfg, job.data_seed)
     raise UserError(f"sampler must be plan, shuffle or difficulty, got {job.sampler!r}")
+
+
+def _plan_file(plan: Path) -> Path:
+    return plan / "plan.json" if plan.is_dir() else plan
+
+
+def _plan_sampler(plan: Path, problems: dict[str, Problem], cfg: GRPOConfig, seed: int) -> CurriculumSampler:
+    """The sampler of a plan whose batches all hold ``cfg.batch_size`` ids of ``problems``."""
+    path = _plan_file(plan)
+    loaded = Plan.load(path)
+    if not loaded.batches:
+        raise UserError(f"{path}: the plan has no batches")
+    sizes = sorted({len(batch) for batch in loaded.batches})
+    if sizes != [cfg.batch_size]:
+        planned = "/".join(str(size) for size in sizes)
+        raise UserError(
+            f"{path}: the plan's batches hold {planned} ids but batch_size={cfg.batch_size}; a step trains "
+            f"exactly one plan batch, so re-plan with saerl engineer --batch-size {cfg.batch_size} or train "
+            f"with --batch-size {sizes[-1]}"
+        )
+    unknown = next((i for batch in loaded.batches for i in batch if i not in problems), None)
+    if unknown is not None:
+        raise UserError(f"{path}: plan id {unknown!r} is not among the training problems")
+    shard = grain.ShardOptions(shard_index=jax.process_index(), shard_count=jax.process_count())
+    return CurriculumSampler(loaded, seed=seed, shard_options=shard)
 
 
 def _gather(x: np.ndarray) -> np.ndarray:
@@ -214,8 +239,11 @@ class Trainer:
             state_shardings=self.state_shardings,
             batch_shardings=batch_sharding(self.mesh),
         )
-        self.iterator = iter(make_loader(_sampler(job, self.problems, cfg), self.problems, self.tokenizer))
-        self.queue = PromptQueue(self.iterator, cfg.max_prompt_length, self.pad_id, fixed=jax.process_count() > 1)
+        if job.replan is not None and (job.sampler != "plan" or job.replan_steps < 1 or jax.process_count() > 1):
+            raise UserError("re-planning needs sampler='plan', replan_steps >= 1 and a single process")
+        self.segment, self.plan = 0, job.plan
+        """Plans trained so far (0 until the first re-plan) and the current one."""
+        self._start_data(_sampler(job, self.problems, cfg))
         self.sampling = SamplingConfig(
             max_new_tokens=cfg.max_completion_length,
             temperature=cfg.temperature,
@@ -240,12 +268,41 @@ class Trainer:
             )
             print(precision.describe(), flush=True)
 
+    def _start_data(self, sampler) -> None:
+        """A fresh data iterator and prompt queue over ``sampler``."""
+        self.iterator = iter(make_loader(sampler, self.problems, self.tokenizer))
+        self.queue = PromptQueue(self.iterator, self.cfg.max_prompt_length, self.pad_id, fixed=jax.process_count() > 1)
+
+    def _seen_ids(self) -> list[str]:
+        path = self.job.out / "batches.jsonl"
+        rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
+        return [i for row in rows if row["step"] <= self.step for i in row["ids"]]
+
+    def _replan(self) -> None:
+        """Switches to the plan ``job.replan`` builds for the current policy (a step boundary); the old
+        data position stays in place until the new plan is ready, so an interrupt here loses nothing."""
+        directory = self.job.out / "replan" / f"step-{self.step}"
+        started = time.perf_counter()
+        plan = self.job.replan(self.step, self.export(directory / "hf"), self._seen_ids())
+        sampler = _plan_sampler(plan, self.problems, self.cfg, self.job.data_seed)
+        self._start_data(sampler)
+        self.segment, self.plan = self.step // self.job.replan_steps, Path(plan)
+        print(f"step {self.step}: re-planned in {time.perf_counter() - started:.1f} s: {self.plan}", flush=True)
+
+    def _replan_due(self) -> bool:
+        every = self.job.replan_steps
+        if self.job.replan is None or self.step == 0 or self.step % every:
+            return False
+        return self.segment != self.step // every
+
     # --- checkpoints -------------------------------------------------------------------------------------
     def _save(self) -> None:
         if not self.consistent:
             raise RuntimeError(f"step {self.step + 1} is under way: only step-boundary states are saved")
         # Every host's data counters: only the primary host writes JSON items.
         meta = {"step": self.step, "queues": _gather_json(self.queue.state()), "config": self.cfg.to_dict()}
+        if self.segment:
+            meta["plan"] = {"segment": self.segment, "path": str(self.plan), "hash": _plan_hash(self.plan)}
         self.manager.save(
             self.step,
             args=ocp.args.Composite(
@@ -259,6 +316,15 @@ class Trainer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, self.state)
         where = self.job.out / "checkpoints" / str(step)
         meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore())).meta
+        if "plan" in meta:  # written after a re-plan: its data position is in that plan
+            plan = Path(meta["plan"]["path"])
+            if self.job.replan is None or not _plan_file(plan).is_file() or _plan_hash(plan) != meta["plan"]["hash"]:
+                raise UserError(
+                    f"{where}: written while training the re-planned {plan}, which this run cannot rebuild "
+                    "(no re-planning, or the plan file is missing or changed); start a new --out"
+                )
+            self._start_data(_plan_sampler(plan, self.problems, self.cfg, self.job.data_seed))
+            self.segment, self.plan = int(meta["plan"]["segment"]), plan
         saved = config_from_dict(meta["config"])
         # Checkpoints record resolved dtypes; one without them was written before mixed precision: float32.
         saved = dataclasses.replace(saved, **{name: getattr(saved, name) or "float32" for name in PRECISION_FIELDS})
@@ -393,7 +459,7 @@ class Trainer:
         }
         step, cfg = self.step + 1, self.cfg
         if self.eval_rows and (step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
-            row["eval_accuracy"] = self.evaluate(state.params)
+            row["eval_accuracy"], row["eval_correct"] = self.evaluate(state.params, per_problem=True)
         return state, row, graded.sample_ids
 
     def _check_finite(self, metrics: dict[str, float]) -> None:
@@ -435,19 +501,19 @@ class Trainer:
             **{k: float(shared.get(k, np.sum)(v)) for k, v in zip(names, stats_SH, strict=True)},
         }
 
-    def evaluate(self, params=None) -> float:
+    def evaluate(self, params=None, per_problem: bool = False):
         """Greedy accuracy on the held-out rows (math-verify, same reward as training) of ``params``
-        (default: the current state's)."""
+        (default: the current state's); with ``per_problem`` also each row's score (0 or 1), in order."""
         params = self.state.params if params is None else params
         model = nnx.merge(self.graphdef, _host_params(params))
-        accuracy, _ = greedy_accuracy(
+        accuracy, scores = greedy_accuracy(
             model,
             self.tokenizer,
             self.eval_rows,
             max_new_tokens=self.cfg.max_completion_length,
             batch_size=min(128, len(self.eval_rows)),
         )
-        return accuracy
+        return (accuracy, [float(v) for v in scores]) if per_problem else accuracy
 
     def export(self, directory: Path) -> Path:
         """Writes the current policy as a Hugging Face directory (config, safetensors, tokenizer)."""
@@ -487,6 +553,8 @@ class Trainer:
             cleanup.callback(lambda: self._save_on_exit(saved_at))
             try:
                 while self.step < cfg.max_steps:
+                    if self._replan_due():
+                        self._replan()
                     state, row, sample_ids = self.run_step()
                     self.commit(state, row, sample_ids, log)
                     bar.set_postfix(reward=f"{row['reward_mean']:.3f}", acc=f"{row['accuracy']:.3f}")
@@ -515,6 +583,10 @@ class Trainer:
             )
         elif saved_at != self.step:
             self._save()
+
+
+def _plan_hash(plan: Path) -> str:
+    return hashlib.sha256(_plan_file(plan).read_bytes()).hexdigest()
 
 
 def _any_host(flag: bool) -> bool:

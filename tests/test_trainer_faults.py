@@ -115,9 +115,9 @@ class Faulty(Trainer):
         self._fault("rollout")
         return super()._roll(prompts, draw, params)
 
-    def evaluate(self, params=None) -> float:
+    def evaluate(self, params=None, per_problem=False):
         self._fault("evaluate")
-        return super().evaluate(params)
+        return super().evaluate(params, per_problem)
 
 
 @pytest.mark.parametrize(
