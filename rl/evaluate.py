@@ -61,15 +61,18 @@ def _counts(k: int, n: int | None, greedy: bool) -> tuple[int, int]:
 
 
 @dataclasses.dataclass(frozen=True)
-class _Samples:
+class Samples:
     """A benchmark's completions, flattened problem-major (n per problem)."""
 
     texts: list[str]
+    """Decoded completions, EOS and padding removed."""
     lengths: np.ndarray
+    """Completion tokens ``[P * n]``, EOS included."""
     truncated: np.ndarray
+    """``[P * n]`` bool: the completion hit ``max_new_tokens`` without an EOS."""
 
 
-def _sample(model, tokenizer, problems, *, n, seed, batch_size, desc, progress, **sampling) -> _Samples:
+def _sample(model, tokenizer, problems, *, n, seed, batch_size, desc, progress, **sampling) -> Samples:
     """n completions per problem, ``batch_size`` completions per sampler call (:func:`generate_chunks`, as
     the trainer's rollouts); every prompt is left-padded to the bucket of the benchmark's longest."""
     eos_ids, pad_id = stop_ids(tokenizer)
@@ -97,10 +100,52 @@ def _sample(model, tokenizer, problems, *, n, seed, batch_size, desc, progress, 
             truncated.append(not ended.any())
         bar.update(len(out.tokens_BN))
     bar.close()
-    return _Samples(texts, np.asarray(lengths), np.asarray(truncated))
+    return Samples(texts, np.asarray(lengths), np.asarray(truncated))
 
 
-def _summary(correct_PN: np.ndarray, samples: _Samples, k: int) -> dict:
+def sample_and_grade(
+    model: Qwen2,
+    tokenizer,
+    problems: Sequence[EvalProblem],
+    *,
+    n: int,
+    temperature: float,
+    max_new_tokens: int,
+    top_p: float = 1.0,
+    seed: int = 0,
+    batch_size: int = 64,
+    grader: Grader | None = None,
+    desc: str = "sample",
+    progress: bool = True,
+) -> tuple[np.ndarray, Samples]:
+    """n completions per problem, sampled and graded as :func:`evaluate` does it.
+
+    Completion j of problem ``id`` uses ``row_keys(seed, 0, [id], n)[j]``, so neither its tokens nor its
+    score depend on ``batch_size`` or on the other problems.
+
+    Returns:
+      ``(scores_PN, samples)``: the reward of completion j of ``problems[i]`` at ``[i, j]`` (correct when
+      positive; ``grader`` or :func:`math_reward`), and the completions flattened problem-major.
+    """
+    samples = _sample(
+        model,
+        tokenizer,
+        problems,
+        n=n,
+        seed=seed,
+        batch_size=batch_size,
+        desc=desc,
+        progress=progress,
+        temperature=temperature,
+        top_p=top_p,
+        max_new_tokens=max_new_tokens,
+    )
+    answers = [p.answer for p in problems for _ in range(n)]
+    grade = grader or (lambda texts, answers: [math_reward(t, a) for t, a in zip(texts, answers, strict=True)])
+    return np.asarray(grade(samples.texts, answers), dtype=np.float64).reshape(len(problems), n), samples
+
+
+def _summary(correct_PN: np.ndarray, samples: Samples, k: int) -> dict:
     p, n = correct_PN.shape
     counts = correct_PN.sum(axis=1).astype(int)
     return {
@@ -141,7 +186,7 @@ def _write_json(path: Path, value: object) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(json.dumps(value, indent=2) + "\n"))
 
 
-def _write_samples(path: Path, problems, samples: _Samples, scores_PN: np.ndarray) -> None:
+def _write_samples(path: Path, problems, samples: Samples, scores_PN: np.ndarray) -> None:
     n = scores_PN.shape[1]
 
     def write(tmp: str) -> None:
@@ -236,7 +281,6 @@ def evaluate(
     out = None if out is None else Path(out)
     sampling = dict(temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens)
     settings = dict(k=k, n=n, greedy=greedy, **sampling, seed=seed, model=model_name)
-    grade = grader or (lambda texts, answers: [math_reward(t, a) for t, a in zip(texts, answers, strict=True)])
     results = {}
     for name, problems in benchmarks.items():
         key = {**settings, "problems": _problems_hash(problems)}
@@ -248,11 +292,18 @@ def evaluate(
                 results[name] = saved["result"]
                 continue
             print(f"{name}: {done} holds other settings, evaluating again")
-        samples = _sample(
-            model, tokenizer, problems, n=n, seed=seed, batch_size=batch_size, desc=name, progress=progress, **sampling
+        scores_PN, samples = sample_and_grade(
+            model,
+            tokenizer,
+            problems,
+            n=n,
+            seed=seed,
+            batch_size=batch_size,
+            grader=grader,
+            desc=name,
+            progress=progress,
+            **sampling,
         )
-        answers = [p.answer for p in problems for _ in range(n)]
-        scores_PN = np.asarray(grade(samples.texts, answers), dtype=np.float64).reshape(len(problems), n)
         results[name] = _summary((scores_PN > 0).astype(np.float64), samples, k)
         if done is not None:
             _write_samples(out / "samples" / f"{name}.jsonl", problems, samples, scores_PN)

@@ -139,6 +139,7 @@ def _engineer_parser(sub) -> None:
     )
     p.add_argument("--difficulty", choices=["sae", "external"], default=d.difficulty, help="(%(default)s)")
     p.add_argument("--quality-threshold", type=float, default=d.quality_threshold, help="(%(default)s)")
+    p.add_argument("--no-quality", dest="quality", action="store_false", help="no quality filter: every row is planned")
     p.add_argument(
         "--batch-size",
         type=int,

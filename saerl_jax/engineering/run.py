@@ -46,6 +46,9 @@ class EngineerJob:
     from (all rows; the kept rows), in (0, 1]."""
     difficulty: Literal["sae", "external"] = "sae"
     """Order by the calibrated SAE proxy, or by the dataset's own labels (ablation)."""
+    quality: bool = True
+    """Fit and apply the quality filter when every row has a ``source`` label and some are noise; False
+    keeps every row (e.g. a re-plan over rows an earlier filter already kept)."""
     quality_threshold: float = 0.5
     """Keep an unlabelled row whose out-of-sample in-distribution probability is at least this (needs
     ``source`` labels); a labelled row is kept or removed by its own label."""
@@ -132,7 +135,7 @@ def run_engineer(job: EngineerJob) -> dict:
     n_meta = len(METADATA_COLUMNS)
     report: dict = {"store": str(job.store), "samples": len(store.ids), "config": dataclasses.asdict(job)}
     keep = np.ones(len(X), bool)
-    if labels["has_source"].all() and labels["noise"].any():
+    if job.quality and labels["has_source"].all() and labels["noise"].any():
         keep, report["quality"] = _quality_filter(job, X, labels["noise"], store.ids)
     kept = np.flatnonzero(keep)
     X_kept = X[kept]  # one copy of the kept rows for every later stage
