@@ -17,14 +17,14 @@ import dataclasses
 import json
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Literal
 
 from rl.benchmarks import EvalProblem
 from rl.config import GRPOConfig
 from rl.evaluate import evaluate
-from rl.metrics import read_metrics
+from rl.metrics import read_evals, read_metrics
 from rl.trainer import TrainJob, run_train
 from saerl_jax.data.problems import load_problems
 from saerl_jax.data.prompt import load_tokenizer
@@ -95,7 +95,7 @@ class Budget:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Arm:
-    """One training condition: the order prompts are drawn in."""
+    """One training condition: the problems and the order they are drawn in."""
 
     name: str
     """Directory name and table label."""
@@ -103,6 +103,16 @@ class Arm:
     """The trainer's sampler."""
     plan: Path | None = None
     """``plan.json`` (or its directory) for ``sampler='plan'``."""
+    data: Path | None = None
+    """The arm's own training problems (a selection of the pool, or the pool with other difficulty
+    labels); the experiment's pool when None."""
+    replan: Callable[[int, Path, list[str]], Path] | None = dataclasses.field(default=None, compare=False)
+    """Adaptive re-planning (see :attr:`rl.trainer.TrainJob.replan`); part of the settings by ``replan_steps``
+    and ``replan_name``."""
+    replan_steps: int = 0
+    """Steps between re-plans."""
+    replan_name: str = ""
+    """What the re-planner does (recorded in the settings, so a changed re-planner is a new run)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -186,11 +196,16 @@ def _avg_at_k(model_dir: Path, step: int, exp: Experiment, seed: int, out: Path,
         model_name=f"{model_dir} (step {step})",
     )
     result = summary["benchmarks"][BENCH]
-    return {key: result[key] for key in ("avg_at_k", "pass_at_k", "mean_length", "truncation_rate")}
+    samples = [json.loads(line) for line in (out / "samples" / f"{BENCH}.jsonl").read_text().splitlines()]
+    by_id = {row["id"]: row["scores"] for row in samples}
+    avg_correct = [sum(score > 0 for score in by_id[p.id][: b.k]) / b.k for p in problems]
+    keys = ("avg_at_k", "pass_at_k", "mean_length", "truncation_rate")
+    return {**{key: result[key] for key in keys}, "avg_correct": avg_correct}
 
 
-def _settings(exp: Experiment, **extra) -> dict:
-    data = {"path": exp.data, "hash": file_hash(exp.data)}
+def _settings(exp: Experiment, data: Path | None = None, **extra) -> dict:
+    data = data or exp.data
+    data = {"path": data, "hash": file_hash(data)}
     held = {"path": exp.eval_data, "hash": file_hash(exp.eval_data)}
     model = {"path": exp.model, "hash": file_hash(exp.model / "config.json", *sorted(exp.model.glob("*.safetensors")))}
     return _normal({"model": model, "data": data, "eval_data": held, "budget": dataclasses.asdict(exp.budget), **extra})
@@ -208,25 +223,27 @@ def evaluate_base(exp: Experiment, tokenizer) -> list[dict]:
     settings["budget"] = {k: settings["budget"][k] for k in ("eval_limit", "max_completion_length")}
     path = directory / "greedy.json"
     saved = json.loads(path.read_text()) if path.is_file() else {}
-    if saved.get("settings") == settings:
-        accuracy = saved["accuracy"]
+    if saved.get("settings") == settings and "correct" in saved:
+        accuracy, correct = saved["accuracy"], saved["correct"]
         print(f"base: greedy accuracy read back from {path}")
     else:
         rows = [{"question": p.question, "final_answer": p.answer} for p in held_out(exp)]
-        accuracy, _ = greedy_accuracy(
+        accuracy, correct = greedy_accuracy(
             load_pretrained(exp.model),
             tokenizer,
             rows,
             max_new_tokens=exp.budget.max_completion_length,
             batch_size=min(128, len(rows)),  # the trainer's evaluation batch: the same greedy tokens
         )
-        _write_json(path, {"settings": settings, "accuracy": accuracy})
+        correct = [float(v) for v in correct]
+        _write_json(path, {"settings": settings, "accuracy": accuracy, "correct": correct})
     return [
         {
             "arm": "base",
             "seed": seed,
             "curve": [[0, accuracy]],
             "final_accuracy": accuracy,
+            "final_correct": correct,
             **_avg_at_k(exp.model, 0, exp, seed, directory / f"seed-{seed}", tokenizer),
         }
         for seed in exp.seeds
@@ -248,7 +265,10 @@ def run_arm(arm: Arm, seed: int, exp: Experiment, base_accuracy: float, tokenize
     if arm.plan is not None:
         plan_file = arm.plan / "plan.json" if arm.plan.is_dir() else arm.plan
         plan = {"path": plan_file, "hash": file_hash(plan_file)}
-    settings = _settings(exp, arm={"name": arm.name, "sampler": arm.sampler, "plan": plan}, seed=seed)
+    described = {"name": arm.name, "sampler": arm.sampler, "plan": plan}
+    if arm.replan is not None:
+        described["replan"] = {"steps": arm.replan_steps, "name": arm.replan_name}
+    settings = _settings(exp, arm.data, arm=described, seed=seed)
     done = _finished(run_dir, settings)
     if done is not None:
         print(f"{arm.name} seed {seed}: finished before, read back {run_dir / RESULT}")
@@ -257,11 +277,13 @@ def run_arm(arm: Arm, seed: int, exp: Experiment, base_accuracy: float, tokenize
     job = TrainJob(
         model=exp.model,
         tokenizer=exp.tokenizer,
-        data=exp.data,
+        data=arm.data or exp.data,
         out=run_dir,
         config=exp.budget.grpo_config(seed),
         sampler=arm.sampler,
         plan=arm.plan,
+        replan=arm.replan,
+        replan_steps=arm.replan_steps,
         eval_data=exp.eval_data,
         data_seed=seed,
         resume=True,
@@ -274,6 +296,7 @@ def run_arm(arm: Arm, seed: int, exp: Experiment, base_accuracy: float, tokenize
         raise KeyboardInterrupt(f"{arm.name} seed {seed} interrupted at step {summary['step']} (rerun to resume)")
     rows = [row for row in read_metrics(run_dir) if row["step"] <= exp.budget.steps]
     evals = [[row["step"], row["eval_accuracy"]] for row in rows if row.get("eval_accuracy") is not None]
+    scores = read_evals(run_dir)
     result = {
         "arm": arm.name,
         "seed": seed,
@@ -281,6 +304,8 @@ def run_arm(arm: Arm, seed: int, exp: Experiment, base_accuracy: float, tokenize
         "run_dir": str(run_dir),
         "curve": [[0, base_accuracy], *evals],
         "final_accuracy": evals[-1][1] if evals else None,
+        "final_correct": scores.get(evals[-1][0]) if evals else None,
+        "zero_std": [row["frac_reward_zero_std"] for row in rows],
         "reward": [row["reward_mean"] for row in rows],
         "train_accuracy": [row["accuracy"] for row in rows],
         "step_s": statistics.median(row["rollout_s"] + row["update_s"] for row in rows[1:] or rows),
@@ -290,17 +315,25 @@ def run_arm(arm: Arm, seed: int, exp: Experiment, base_accuracy: float, tokenize
     return result
 
 
-def run_arms(exp: Experiment, arms: Sequence[Arm], *, target: float | None = None) -> dict:
-    """The base model, then every arm for every seed, aggregated.
+def run_arms(
+    exp: Experiment,
+    arms: Sequence[Arm],
+    *,
+    target: float | None = None,
+    after_each: Callable[[dict], None] | None = None,
+) -> dict:
+    """The base model, then every arm for every seed, seed by seed (so a partial run holds whole seeds,
+    paired across arms), aggregated.
 
     Args:
       exp: the shared model, data, budget and seeds.
       arms: the conditions (names unique, ``base`` reserved for step 0).
       target: held-out accuracy whose first step is reported; None takes base accuracy + 0.02.
+      after_each: called with the summary so far after every (arm, seed) run, e.g. to write partial tables.
 
     Returns:
-      the settings, ``base_accuracy``, ``target``, per-seed ``results`` by arm (``base`` first) and their
-      :func:`aggregate` under ``aggregate``.
+      the settings, ``base_accuracy``, ``target``, per-seed ``results`` by arm (``base`` first), their
+      :func:`aggregate` under ``aggregate``, and ``done`` (seeds finished per arm) and ``complete``.
     """
     names = [arm.name for arm in arms]
     if len(set(names)) != len(names) or "base" in names:
@@ -309,19 +342,35 @@ def run_arms(exp: Experiment, arms: Sequence[Arm], *, target: float | None = Non
     tokenizer = load_tokenizer(exp.tokenizer)
     results = {"base": evaluate_base(exp, tokenizer)}
     base_accuracy = results["base"][0]["final_accuracy"]
-    for arm in arms:
-        results[arm.name] = [run_arm(arm, seed, exp, base_accuracy, tokenizer) for seed in exp.seeds]
     target = base_accuracy + 0.02 if target is None else target
-    return {
-        "model": str(exp.model),
-        "data": str(exp.data),
-        "eval_data": str(exp.eval_data),
-        "seeds": list(exp.seeds),
-        "budget": dataclasses.asdict(exp.budget),
-        "arms": _normal({arm.name: dataclasses.asdict(arm) for arm in arms}),
-        "base_accuracy": base_accuracy,
-        "target": target,
-        "results": {arm: [_without_settings(r) for r in rows] for arm, rows in results.items()},
-        "aggregate": aggregate(results, target),
-        "wall_s": round(time.perf_counter() - started, 1),
-    }
+    results.update({name: [] for name in names})
+
+    def summary() -> dict:
+        done = {arm: [r["seed"] for r in rows] for arm, rows in results.items() if arm != "base"}
+        return {
+            "model": str(exp.model),
+            "data": str(exp.data),
+            "eval_data": str(exp.eval_data),
+            "seeds": list(exp.seeds),
+            "budget": dataclasses.asdict(exp.budget),
+            "arms": _normal({arm.name: _describe(arm) for arm in arms}),
+            "base_accuracy": base_accuracy,
+            "target": target,
+            "done": done,
+            "complete": all(len(seeds) == len(exp.seeds) for seeds in done.values()),
+            "results": {arm: [_without_settings(r) for r in rows] for arm, rows in results.items()},
+            "aggregate": aggregate({arm: rows for arm, rows in results.items() if rows}, target),
+            "wall_s": round(time.perf_counter() - started, 1),
+        }
+
+    for seed in exp.seeds:
+        for arm in arms:
+            results[arm.name].append(run_arm(arm, seed, exp, base_accuracy, tokenizer))
+            if after_each is not None:
+                after_each(summary())
+    return summary()
+
+
+def _describe(arm: Arm) -> dict:
+    fields = {f.name: getattr(arm, f.name) for f in dataclasses.fields(arm) if f.name != "replan"}
+    return {**fields, "replan": arm.replan is not None}
