@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--world-seed", type=int, default=0, help="generator seed of the world (%(default)s)")
     group.add_argument("--rollout-k", type=int, default=4, help="samples per problem for base pass rates")
     group.add_argument("--replan-steps", type=int, default=50, help="steps between re-plans (%(default)s)")
+    group.add_argument("--no-check", action="store_true", help="train even when a planted condition fails")
     args = parser.parse_args(argv)
     run_control(
         ControlConfig(
@@ -44,6 +45,7 @@ def main(argv: list[str] | None = None) -> None:
             world_seed=args.world_seed,
             rollout_k=args.rollout_k,
             replan_steps=args.replan_steps,
+            check=not args.no_check,
         )
     )
 

@@ -103,7 +103,7 @@ def test_slip_never_negative_nor_right():
 def test_planted_conditions_report(tmp_path):
     from saerl_jax.data.tinymath import write_jsonl
     from saerl_jax.engineering.baselines import PassRates
-    from saerl_jax.experiments.control import conditions_table, planted_conditions
+    from saerl_jax.experiments.control import check_conditions, conditions_table, planted_conditions
 
     pool = write_jsonl(control.generate(40, seed=2), tmp_path / "pool.jsonl")
     held = write_jsonl(control.generate_eval(10, seed=2), tmp_path / "eval.jsonl")
@@ -118,3 +118,7 @@ def test_planted_conditions_report(tmp_path):
     assert c["zero_variance_clean"] == pytest.approx(np.mean(clean_zero))
     assert abs(sum(c["pool"].values()) - 1) < 1e-9
     assert "| noise/wrong_answer |" in conditions_table(c)
+    c["checks"] = check_conditions(c)
+    assert not c["checks"]["hard rung starves GRPO: base pass rate <= 0.15"]["ok"]  # 0.5 here
+    assert c["checks"]["wrong answers rarely rewarded: base pass rate <= 0.1"]["ok"]
+    assert "| NO |" in conditions_table(c)

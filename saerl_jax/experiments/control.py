@@ -34,6 +34,7 @@ from saerl_jax.engineering.baselines import (
     write_rollout_pool,
 )
 from saerl_jax.engineering.planner import Plan
+from saerl_jax.errors import UserError
 from saerl_jax.experiments.aggregate import paired_summary
 from saerl_jax.experiments.config import StudyConfig
 from saerl_jax.experiments.inputs import Sources, build_store
@@ -92,6 +93,8 @@ class ControlConfig(StudyConfig):
     """Steps between re-plans of the ``replan`` arm."""
     dense_components: int = 32
     """PCA dimensions of the compressed-state baseline."""
+    check: bool = True
+    """Stop before training when a planted condition does not hold (:func:`check_conditions`)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -147,6 +150,26 @@ def planted_conditions(pool: Path, eval_file: Path, rates, base_correct: list[fl
     return out
 
 
+CHECKS = {
+    "hard rung starves GRPO: base pass rate <= 0.15": ("control/hard", "pass_rate", "<=", 0.15),
+    "hard rung groups without reward variance >= 70%": ("control/hard", "zero_variance", ">=", 0.7),
+    "medium rung learnable: base pass rate >= 0.2": ("control/medium", "pass_rate", ">=", 0.2),
+    "medium rung not solved: base pass rate <= 0.8": ("control/medium", "pass_rate", "<=", 0.8),
+    "wrong answers rarely rewarded: base pass rate <= 0.1": ("noise/wrong_answer", "pass_rate", "<=", 0.1),
+    "wrong answers >= 20% of the pool": ("noise/wrong_answer", "pool", ">=", 0.2),
+}
+"""What makes the world a positive control, as (row kind, measure, comparison, bound)."""
+
+
+def check_conditions(c: dict) -> dict[str, dict]:
+    """Each of :data:`CHECKS` on measured conditions ``c``: ``{name: {value, ok}}``."""
+    out = {}
+    for name, (kind, measure, op, bound) in CHECKS.items():
+        value = c[measure][kind] if measure == "pool" else c[measure][kind]["mean"]
+        out[name] = {"value": float(value), "ok": bool(value <= bound if op == "<=" else value >= bound)}
+    return out
+
+
 def conditions_table(c: dict) -> str:
     """Markdown: per row kind, its pool share, base pass rate and share of all-equal sample groups."""
     lines = [
@@ -167,6 +190,9 @@ def conditions_table(c: dict) -> str:
         f"pool, {100 * c['zero_variance_clean']:.0f}% of its clean rows (the k samples of a row stand for "
         "one GRPO group)."
     )
+    if "checks" in c:
+        lines += ["", "| planted condition | measured | holds |", "|---|---:|---|"]
+        lines += [f"| {name} | {v['value']:.3f} | {'yes' if v['ok'] else 'NO'} |" for name, v in c["checks"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -343,6 +369,16 @@ def run_control(cfg: ControlConfig) -> dict:
     pool, eval_file = write_world(cfg)
     cfg = dataclasses.replace(cfg, sources=dataclasses.replace(cfg.sources, problems=pool, eval_data=eval_file))
     rates = _rates(cfg, pool)
+    conditions = planted_conditions(pool, eval_file, rates, [], cfg.budget.num_generations)
+    conditions["checks"] = check_conditions(conditions)
+    failed = [name for name, v in conditions["checks"].items() if not v["ok"]]
+    print("planted conditions: " + ("all hold" if not failed else f"{len(failed)} do not hold: {failed}"))
+    atomic_write(cfg.out / "conditions.json", lambda tmp: Path(tmp).write_text(json.dumps(conditions, indent=1)))
+    if failed and cfg.check:
+        raise UserError(
+            f"{pool}: the world is not a positive control for this model ({'; '.join(failed)}); the measured "
+            f"conditions are in {cfg.out / 'conditions.json'}; --no-check trains anyway"
+        )
     arms, plans, costs = build_arms(cfg, pool, rates)
     exp = dataclasses.replace(cfg.experiment(cfg.sources.model_dir, pool))
     state = {}
@@ -352,6 +388,7 @@ def run_control(cfg: ControlConfig) -> dict:
         summary["conditions"] = planted_conditions(
             pool, eval_file, rates, base["final_correct"], cfg.budget.num_generations
         )
+        summary["conditions"]["checks"] = conditions["checks"]
         atomic_write(
             cfg.out / "conditions.json", lambda tmp: Path(tmp).write_text(json.dumps(summary["conditions"], indent=1))
         )
@@ -373,4 +410,14 @@ def run_control(cfg: ControlConfig) -> dict:
     return state["summary"]
 
 
-__all__ = ["ARMS", "ControlConfig", "Sources", "build_arms", "planted_conditions", "run_control", "write_world"]
+__all__ = [
+    "ARMS",
+    "CHECKS",
+    "ControlConfig",
+    "Sources",
+    "build_arms",
+    "check_conditions",
+    "planted_conditions",
+    "run_control",
+    "write_world",
+]
