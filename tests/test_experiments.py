@@ -15,6 +15,7 @@ from scipy import stats as sp_stats
 from saerl_jax.engineering.planner import CurriculumPlanner
 from saerl_jax.experiments import aggregate, aggregate_arm, mean_curve, spread, steps_to_target
 from saerl_jax.experiments.ablate import ABLATIONS, variants
+from saerl_jax.experiments.transfer import TransferConfig, tokenizer_of
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -242,11 +243,69 @@ def test_transfer_end_to_end_with_a_model_b_trained_here(compare_run, tmp_path, 
     assert summary["model"] == str(out / "model-b")
     assert (out / "curves.png").read_bytes()[:8] == PNG
 
+    assert summary["direction"] == "down" and summary["model_b"]["vocab_sha256"] == summary["model_a"]["vocab_sha256"]
+    assert summary["paired"]["saerl_plan_from_a"]["final_correct"]["n_seeds"] == 1
+
     capsys.readouterr()
     run_script("transfer", argv)
     printed = capsys.readouterr().out
-    assert "model B: trained before with these settings" in printed
+    assert "small model: trained before with these settings" in printed
     assert printed.count("finished before, read back") == 2 and "training in" not in printed
+
+
+@pytest.mark.slow
+def test_transfer_up_from_a_small_model_of_another_family(tmp_path, capsys):
+    """The paper's way round: a small model with a tokenizer of its own and an SAE trained here plans for
+    the shipped (larger) model; a rerun trains nothing again."""
+    out = tmp_path / "up"
+    argv = ["--out", str(out), *TINY, "--seeds", "0", "--direction", "up", "--small-vocab-size", "300"]
+    argv += [
+        "--sft-steps",
+        "3",
+        "--sft-problems",
+        "128",
+        "--small-hidden-size",
+        "32",
+        "--small-intermediate-size",
+        "64",
+    ]
+    argv += [
+        "--small-sae-steps",
+        "4",
+        "--small-sae-batch-size",
+        "256",
+        "--small-sae-latents",
+        "64",
+        "--small-sae-k",
+        "4",
+    ]
+    run_script("transfer", argv)
+    summary = _results(out)
+    _check_arms(summary, ["vanilla", "saerl_plan_from_a"], [0])
+    a, b = summary["model_a"], summary["model_b"]
+    assert a["path"] == str(out / "model-a") and a["hidden_size"] == 32 and a["vocab_size"] == 300
+    assert b["hidden_size"] == 128 and b["vocab_size"] == 512 and a["vocab_sha256"] != b["vocab_sha256"]
+    assert b["parameters"] > a["parameters"] and summary["model"] == b["path"]
+    sae_cfg = json.loads((out / "model-a-sae" / "cfg.json").read_text())
+    assert sae_cfg["d_in"] == 32 and sae_cfg["d_sae"] == 64
+    assert "different tokenizers" in (out / "results.md").read_text()
+
+    capsys.readouterr()
+    run_script("transfer", argv)
+    printed = capsys.readouterr().out
+    assert "small model: trained before" in printed and "small model's SAE: trained before" in printed
+    assert printed.count("finished before, read back") == 2 and "training in" not in printed
+
+
+def test_transfer_config_refuses_a_bad_direction_and_a_given_store_when_going_up(tmp_path):
+    with pytest.raises(ValueError, match="direction"):
+        TransferConfig(direction="sideways")
+    with pytest.raises(ValueError, match="store"):
+        TransferConfig(direction="up", store=tmp_path)
+    (tmp_path / "model").mkdir()
+    assert tokenizer_of(tmp_path / "model", tmp_path / "shared") == tmp_path / "shared"
+    (tmp_path / "model" / "tokenizer.json").write_text("{}")
+    assert tokenizer_of(tmp_path / "model", tmp_path / "shared") == tmp_path / "model"
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from saerl_jax.experiments.inputs import Sources
 from saerl_jax.experiments.probe_table import ProbesConfig, run_probes
 from saerl_jax.experiments.replan import Replanner
 from saerl_jax.experiments.runs import Arm, Budget, Experiment, run_arm, run_arms
-from saerl_jax.experiments.transfer import SmallModel, TransferConfig, run_transfer
+from saerl_jax.experiments.transfer import SmallModel, SmallSAE, TransferConfig, run_transfer
 
 __all__ = [
     "ARMS",
@@ -33,6 +33,7 @@ __all__ = [
     "ProbesConfig",
     "Replanner",
     "SmallModel",
+    "SmallSAE",
     "Sources",
     "StudyConfig",
     "TransferConfig",
