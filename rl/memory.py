@@ -117,6 +117,16 @@ def _sharded(tree, shardings):
     return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
 
 
+def _as_dtype(tree, dtype):
+    """Abstract ``tree`` with its floating leaves in ``dtype``, shardings kept."""
+
+    def cast(x):
+        floating = jnp.issubdtype(x.dtype, jnp.floating)
+        return jax.ShapeDtypeStruct(x.shape, dtype if floating else x.dtype, sharding=x.sharding)
+
+    return jax.tree.map(cast, tree)
+
+
 def _device_bytes(tree) -> int:
     """Bytes one device holds of an abstract tree whose leaves carry their sharding."""
     return sum(
@@ -141,15 +151,31 @@ def _batch(cfg: GRPOConfig, rows: int, sharding) -> dict[str, jax.ShapeDtypeStru
     return {k: jax.ShapeDtypeStruct(shape, dtype, sharding=sharding) for k, (shape, dtype) in shapes.items()}
 
 
+def planned_config(cfg: GRPOConfig) -> GRPOConfig:
+    """``cfg`` with its dtypes as an accelerator resolves them: compute (and so the cache and the frozen
+    reference, unless set) bfloat16 when left to the default, whatever host the plan is compiled on."""
+    compute = cfg.compute_dtype or "bfloat16"
+    return dataclasses.replace(
+        cfg,
+        compute_dtype=compute,
+        reference_dtype=cfg.reference_dtype or compute,
+        cache_dtype=cfg.cache_dtype or compute,
+    )
+
+
 def _compile(model_cfg: Qwen2Config, cfg: GRPOConfig, mesh, dtype) -> tuple[list[Phase], int, int]:
     """The phases, train-state bytes and reference bytes for one layer count; see :func:`plan`."""
+    cfg = planned_config(cfg)
     graphdef, params = nnx.split(nnx.eval_shape(lambda: Qwen2(model_cfg, dtype=dtype, rngs=nnx.Rngs(0))))
     optimizer = make_optimizer(cfg)
     state = jax.eval_shape(lambda p: init_state(p, optimizer), params)
     state_shardings = tree_shardings(state, mesh)
     state = _sharded(state, state_shardings)
-    state_bytes, param_bytes = _device_bytes(state), _device_bytes(state.params)
-    ref_bytes = param_bytes if cfg.beta > 0 else 0
+    state_bytes = _device_bytes(state)
+    # the rollout samples with the params cast to the compute dtype; the reference is stored in its own
+    compute_params = _as_dtype(state.params, cfg.compute_dtype)
+    reference = _as_dtype(state.params, cfg.reference_dtype)
+    ref_bytes = _device_bytes(reference) if cfg.beta > 0 else 0
     rows_sharding = batch_sharding(mesh)
     step = jit_train_step(graphdef, cfg, optimizer, state_shardings=state_shardings, batch_shardings=rows_sharding)
     phases = [
@@ -158,22 +184,39 @@ def _compile(model_cfg: Qwen2Config, cfg: GRPOConfig, mesh, dtype) -> tuple[list
 
     chunk = cfg.rollout_batch_size or cfg.rows
     whole = NamedSharding(mesh, P())
-    sampling = SamplingConfig(max_new_tokens=cfg.max_completion_length, temperature=cfg.temperature, top_p=cfg.top_p)
+    sampling = SamplingConfig(
+        max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        cache_dtype=cfg.cache_dtype,
+        attention_chunk=cfg.attention_chunk,
+    )
     prompts = jax.ShapeDtypeStruct((chunk, cfg.max_prompt_length), jnp.int32, sharding=whole)
     keys = jax.ShapeDtypeStruct((chunk,), jax.random.key(0).dtype, sharding=whole)
     eos = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=whole)
     pad = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
-    lowered = generate_fn.lower(graphdef, state.params, prompts, prompts, keys, eos, pad, sampling)
-    phases.append(
-        Phase(f"rollout ({chunk} rows per call)", Usage.of(lowered.compile()), state_bytes - param_bytes + ref_bytes)
-    )
+    lowered = generate_fn.lower(graphdef, compute_params, prompts, prompts, keys, eos, pad, sampling)
+    # besides its parameters the train state and the reference stay on the device; the params cast to the
+    # compute dtype are a copy unless it is their own dtype
+    resident = state_bytes + ref_bytes - (_device_bytes(state.params) if jnp.dtype(cfg.compute_dtype) == dtype else 0)
+    phases.append(Phase(f"rollout ({chunk} rows per call)", Usage.of(lowered.compile()), resident))
 
     if cfg.beta > 0 or cfg.num_iterations > 1:
         batch = _batch(cfg, cfg.rows, rows_sharding)
         args = [batch[k] for k in ("prompt_ids_BP", "prompt_mask_BP", "completion_ids_BN", "loss_mask_BN")]
-        lowered = logprobs_fn.lower(graphdef, state.params, *args, cfg.temperature, cfg.logprob_chunk)
+        lowered = logprobs_fn.lower(
+            graphdef,
+            reference if cfg.beta > 0 else state.params,
+            *args,
+            cfg.temperature,
+            cfg.logprob_chunk,
+            compute_dtype=cfg.compute_dtype,
+            micro_batches=cfg.gradient_accumulation_steps,
+            attention_chunk=cfg.attention_chunk,
+        )
         name = "reference log-probs" if cfg.beta > 0 else "old log-probs"
-        phases.append(Phase(name, Usage.of(lowered.compile()), state_bytes - param_bytes + ref_bytes))
+        resident = state_bytes if cfg.beta > 0 else state_bytes - _device_bytes(state.params) + ref_bytes
+        phases.append(Phase(name, Usage.of(lowered.compile()), resident))
     return phases, state_bytes, ref_bytes
 
 
@@ -247,11 +290,14 @@ def plan_table(result: Plan, device_bytes: int | None = None) -> str:
     """A markdown table of the plan: one row per phase, GB per device (10^9 bytes)."""
     s = result.setting
     cfg = s.config
+    planned = planned_config(cfg)
     head = (
-        f"{s.param_dtype} params, mesh {'x'.join(map(str, s.mesh))}, {cfg.batch_size} prompts x {cfg.num_generations}"
-        f", prompt {cfg.max_prompt_length} + completion {cfg.max_completion_length}, accumulation "
+        f"{s.param_dtype} params, {planned.compute_dtype} compute, {planned.reference_dtype} reference, "
+        f"{planned.cache_dtype} KV cache, mesh {'x'.join(map(str, s.mesh))}, "
+        f"{cfg.batch_size} prompts x {cfg.num_generations}, prompt {cfg.max_prompt_length} + completion "
+        f"{cfg.max_completion_length}, accumulation "
         f"{cfg.gradient_accumulation_steps}, rollout chunk {cfg.rollout_batch_size or cfg.rows}, remat {cfg.remat}, "
-        f"beta {cfg.beta}"
+        f"attention chunk {cfg.attention_chunk or 'none'}, beta {cfg.beta}"
         + (f" (extrapolated from {s.compile_layers} and {2 * s.compile_layers} layers)" if s.compile_layers else "")
     )
     lines = [
@@ -335,6 +381,9 @@ class MemoryPlanJob:
     """0 compiles every layer; k compiles k and 2k layers and extrapolates per layer."""
     device_memory: str | None = None
     """Memory of one device (``80GB``): also search the cheapest settings that fit."""
+    search_meshes: bool = False
+    """With ``device_memory``: search pure data, pure fsdp and fsdp x 2-way tensor layouts too, not only
+    ``mesh`` (each layout costs a few compiles)."""
 
     def __post_init__(self) -> None:
         if self.devices < 1:
@@ -376,7 +425,8 @@ def report(job: MemoryPlanJob) -> str:
     device_bytes = None if job.device_memory is None else parse_bytes(job.device_memory)
     parts = [f"# Compiled memory plan: {path} on {job.devices} device(s)\n", plan_table(plan(setting), device_bytes)]
     if device_bytes is not None:
-        fitting, missed = search(setting, device_bytes, _meshes(job.devices, job.mesh))
+        meshes = _meshes(job.devices, job.mesh) if job.search_meshes else [setting.mesh]
+        fitting, missed = search(setting, device_bytes, meshes)
         parts.append(f"\n## Cheapest settings that fit in {_gb(device_bytes)} GB per device\n")
         parts += [plan_table(p, device_bytes) + "\n" for p in fitting] or ["none of the settings tried fits\n"]
         parts.append("## Tried and do not fit\n")

@@ -190,12 +190,14 @@ def completion_logprobs(
     temperature: float,
     chunk: int = 64,
     remat: bool = False,
+    attention_chunk: int = 0,
 ) -> tuple[jax.Array, jax.Array]:
     """Per-token log-probs and entropies of completions under ``model`` at ``temperature``.
 
     One forward over ``[B, P + N]``, then the LM head and log-softmax over ``chunk`` positions at a time
     under ``jax.checkpoint``: the largest float32 logits held, forward or backward, are ``[B, chunk, V]``.
-    ``remat`` recomputes each decoder block in the backward pass instead of keeping its activations.
+    ``remat`` recomputes each decoder block in the backward pass instead of keeping its activations;
+    ``attention_chunk`` > 0 attends that many queries at a time (bounded attention scores, same values).
 
     Returns:
       ``(logp_BN, entropy_BN)``; values off the completion mask are meaningless (mask them).
@@ -205,7 +207,13 @@ def completion_logprobs(
     ids_BT = jnp.concatenate([prompt_ids_BP, completion_ids_BN], axis=1)
     mask_BT = jnp.concatenate([prompt_mask_BP, completion_mask_BN], axis=1).astype(jnp.int32)
     slots_BT = jnp.broadcast_to(jnp.arange(p + n), (b, p + n))
-    x_BTD, _ = model.hidden_states(ids_BT, positions_from_mask(mask_BT), causal_mask(mask_BT, slots_BT), remat=remat)
+    x_BTD, _ = model.hidden_states(
+        ids_BT,
+        positions_from_mask(mask_BT),
+        causal_mask(mask_BT, slots_BT),
+        remat=remat,
+        attention_chunk=attention_chunk,
+    )
     x_BND = model.norm(x_BTD[:, p - 1 : p + n - 1])
     chunk = min(chunk, n)
     padded = -(-n // chunk) * chunk
@@ -221,7 +229,9 @@ def completion_logprobs(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "temperature", "chunk", "compute_dtype"))
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "temperature", "chunk", "compute_dtype", "micro_batches", "attention_chunk")
+)
 def logprobs_fn(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -232,18 +242,28 @@ def logprobs_fn(
     temperature: float,
     chunk: int = 64,
     compute_dtype: str | None = None,
+    micro_batches: int = 1,
+    attention_chunk: int = 0,
 ) -> jax.Array:
     """:func:`completion_logprobs` (log-probs only) as a jitted function of the model state: the old
     policy's log-probs before a multi-iteration update, or the frozen reference's. The forward runs with
-    ``params`` cast to ``compute_dtype`` (None: as they are); the log-probs are float32."""
+    ``params`` cast to ``compute_dtype`` (None: as they are); the log-probs are float32.
+
+    The rows go through in ``micro_batches`` passes, row r in pass ``r % micro_batches`` (the split of
+    the update in :mod:`rl.step`, so a row-sharded batch splits without moving data): one pass's
+    activations are live at a time. Each row's values do not depend on the split.
+    """
     model = nnx.merge(graphdef, params if compute_dtype is None else cast_floating(params, compute_dtype))
-    logp_BN, _ = completion_logprobs(
-        model,
-        prompt_ids_BP,
-        prompt_mask_BP,
-        completion_ids_BN,
-        completion_mask_BN,
-        temperature=temperature,
-        chunk=chunk,
-    )
-    return logp_BN
+
+    def one(rows):
+        logp_BN, _ = completion_logprobs(
+            model, *rows, temperature=temperature, chunk=chunk, attention_chunk=attention_chunk
+        )
+        return logp_BN
+
+    rows = (prompt_ids_BP, prompt_mask_BP, completion_ids_BN, completion_mask_BN)
+    if micro_batches == 1:
+        return one(rows)
+    split = jax.tree.map(lambda x: x.reshape(-1, micro_batches, *x.shape[1:]).swapaxes(0, 1), rows)
+    logp_ABN = jax.lax.map(one, split)
+    return logp_ABN.swapaxes(0, 1).reshape(-1, logp_ABN.shape[-1])

@@ -68,6 +68,7 @@ def _micro_loss(params, graphdef, cfg: GRPOConfig, micro: Batch, advantages_B, n
         temperature=cfg.temperature,
         chunk=cfg.logprob_chunk,
         remat=cfg.remat,
+        attention_chunk=cfg.attention_chunk,
     )
     old_logp_BN = jax.lax.stop_gradient(logp_BN) if cfg.num_iterations == 1 else micro["old_logp_BN"]
     out = losses.policy_loss(

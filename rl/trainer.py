@@ -249,6 +249,7 @@ class Trainer:
             temperature=cfg.temperature,
             top_p=cfg.top_p,
             cache_dtype=cfg.cache_dtype,
+            attention_chunk=cfg.attention_chunk,
         )
         options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
         self.manager = ocp.CheckpointManager(
@@ -415,6 +416,8 @@ class Trainer:
             temperature=self.cfg.temperature,
             chunk=self.cfg.logprob_chunk,
             compute_dtype=self.cfg.compute_dtype,
+            micro_batches=self.cfg.gradient_accumulation_steps,
+            attention_chunk=self.cfg.attention_chunk,
         )
         if self.cfg.beta > 0:
             batch["ref_logp_BN"] = logp(self.ref_params, *args)

@@ -303,11 +303,15 @@ def _plan_memory_parser(sub) -> None:
     p.add_argument("--param-dtype", default="float32", help="parameter dtype (%(default)s)")
     p.add_argument("--compile-layers", type=int, default=0, help="compile k and 2k layers, extrapolate (0: all)")
     p.add_argument("--device-memory", help="memory of one device, e.g. 80GB: also search settings that fit")
+    p.add_argument(
+        "--search-meshes", action="store_true", help="with --device-memory, try other mesh layouts too (slower)"
+    )
     options = ("batch_size", "num_generations", "max_prompt_length", "max_completion_length")
     options += ("gradient_accumulation_steps", "rollout_batch_size", "beta", "num_iterations", "logprob_chunk")
+    options += ("attention_chunk", "compute_dtype", "reference_dtype", "cache_dtype")
     docs = field_docs(GRPOConfig)
     for name in (*options, "remat"):
-        kind = _bool if name == "remat" else type(getattr(GRPOConfig(), name))
+        kind = _bool if name == "remat" else str if name.endswith("_dtype") else type(getattr(GRPOConfig(), name))
         p.add_argument("--" + name.replace("_", "-"), type=kind, metavar=name.upper(), help=docs[name])
 
     def run(args: argparse.Namespace) -> None:

@@ -3,7 +3,7 @@
 Run by ``tests/test_sharding.py`` in a fresh process with 8 host devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``)::
 
-    python tests/sharding_worker.py OUT.npz
+    python tests/sharding_worker.py OUT.npz [MESH ...]      # MESH: 1x1x1, 8x1x1, 2x2x2, 1x4x2 (default all)
 
 For each loss (grpo with a KL term, dapo with an older policy) and mesh, writes ``{loss}/{mesh}/loss``,
 ``.../grad_norm``... (one value per step), ``{loss}/{mesh}/param/{path}`` (final params) and how ``q_proj``
@@ -40,8 +40,8 @@ def make_config(loss_type: str) -> GRPOConfig:
         learning_rate=1e-4,
         logprob_chunk=5,
     )
-    if loss_type == "grpo":
-        return GRPOConfig(beta=0.04, **common)
+    if loss_type == "grpo":  # remat (a scan over the blocks) and chunked attention under every mesh too
+        return GRPOConfig(beta=0.04, remat=True, attention_chunk=8, **common)
     return DAPOConfig(num_iterations=2, overlong_buffer_len=4, **common)
 
 
@@ -120,12 +120,16 @@ def run(loss_type: str, name: str, shape: tuple[int, int, int]) -> dict[str, np.
     return out
 
 
-def main(path: str) -> None:
+def main(path: str, *meshes: str) -> None:
     if jax.device_count() != 8:
         raise SystemExit(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), have {jax.devices()}")
+    unknown = set(meshes) - set(MESHES)
+    if unknown:
+        raise SystemExit(f"unknown mesh(es) {sorted(unknown)}: choose from {sorted(MESHES)}")
     out: dict[str, np.ndarray] = {}
     for loss_type in ("grpo", "dapo"):
-        for name, shape in MESHES.items():
+        for name in meshes or MESHES:
+            shape = MESHES[name]
             out.update({f"{loss_type}/{key}": value for key, value in run(loss_type, name, shape).items()})
     np.savez(path, **out)
 

@@ -17,7 +17,7 @@ import pytest
 from flax import nnx
 
 from rl.config import GRPOConfig
-from rl.memory import PlanSetting, Usage, host_device_env, parse_bytes, plan
+from rl.memory import PlanSetting, Usage, host_device_env, parse_bytes, plan, planned_config
 from rl.sharding import batch_sharding, make_mesh, tree_shardings
 from rl.step import init_state, jit_train_step, make_optimizer
 from saerl_jax.cli import main
@@ -33,7 +33,9 @@ MODEL = Qwen2Config(
     num_key_value_heads=2,
     tie_word_embeddings=True,
 )
-CONFIG = GRPOConfig(batch_size=4, num_generations=4, max_prompt_length=32, max_completion_length=64, beta=0.04)
+CONFIG = GRPOConfig(
+    batch_size=4, num_generations=4, max_prompt_length=32, max_completion_length=64, beta=0.04, compute_dtype="float32"
+)
 MEASURED_FACTOR = 2.0
 """The compiled estimate of the train step's peak is within this factor of the measured RSS peak."""
 
@@ -135,6 +137,35 @@ def test_compiled_estimate_is_within_a_factor_of_the_measured_peak():
     assert predicted / MEASURED_FACTOR <= measured <= predicted * MEASURED_FACTOR, (measured, predicted)
 
 
+def _train_step_temp_bytes(layers: int, **options) -> int:
+    """Temporary bytes of the compiled train step (one device) for MODEL cut to ``layers`` blocks."""
+    cfg = dataclasses.replace(CONFIG, max_completion_length=224, compute_dtype="float32", **options)
+    model = nnx.eval_shape(lambda: Qwen2(dataclasses.replace(MODEL, num_hidden_layers=layers), rngs=nnx.Rngs(0)))
+    graphdef, params = nnx.split(model)
+    optimizer = make_optimizer(cfg)
+    state = jax.eval_shape(lambda p: init_state(p, optimizer), params)
+    rows, p, n = cfg.rows, cfg.max_prompt_length, cfg.max_completion_length
+    batch = {
+        "prompt_ids_BP": jax.ShapeDtypeStruct((rows, p), jnp.int32),
+        "prompt_mask_BP": jax.ShapeDtypeStruct((rows, p), jnp.int32),
+        "completion_ids_BN": jax.ShapeDtypeStruct((rows, n), jnp.int32),
+        "loss_mask_BN": jax.ShapeDtypeStruct((rows, n), jnp.int32),
+        "rewards_B": jax.ShapeDtypeStruct((rows,), jnp.float32),
+        "ref_logp_BN": jax.ShapeDtypeStruct((rows, n), jnp.float32),
+    }
+    return Usage.of(jit_train_step(graphdef, cfg, optimizer).lower(state, batch).compile()).temp_bytes
+
+
+def test_remat_and_attention_chunks_bound_the_compiled_step_memory():
+    t = CONFIG.max_prompt_length + 224
+    scores = CONFIG.rows * MODEL.num_attention_heads * t * t * 4  # one block's float32 attention scores
+    one, three = (_train_step_temp_bytes(n, remat=True) for n in (1, 3))
+    # remat keeps each block's input ([rows, T, D], 1/8 of its scores here), not its attention
+    assert three - one < scores / 2, (one, three, scores)
+    chunked = _train_step_temp_bytes(3, remat=True, attention_chunk=32)
+    assert chunked < three - scores, (chunked, three, scores)  # the one block recomputed holds 32 of 256 queries
+
+
 @pytest.mark.slow  # compiles several programs: about 30-60 s each on 2 cores
 def test_parameters_split_over_eight_simulated_devices(tiny_plan, tmp_path):
     script = (
@@ -153,6 +184,13 @@ def test_parameters_split_over_eight_simulated_devices(tiny_plan, tmp_path):
     # every tensor but the norms' weights divides by 8 along D
     assert tiny_plan.state_bytes / 8 <= sharded["state"] <= tiny_plan.state_bytes / 8 * 1.05
     assert tiny_plan.reference_bytes / 8 <= sharded["reference"] <= tiny_plan.reference_bytes / 8 * 1.05
+
+
+def test_a_plan_resolves_default_dtypes_as_an_accelerator_does():
+    planned = planned_config(GRPOConfig())  # compiled on a CPU, planned for a GPU / TPU
+    assert (planned.compute_dtype, planned.reference_dtype, planned.cache_dtype) == ("bfloat16",) * 3
+    chosen = planned_config(GRPOConfig(compute_dtype="float32", cache_dtype="bfloat16"))
+    assert (chosen.compute_dtype, chosen.reference_dtype, chosen.cache_dtype) == ("float32", "float32", "bfloat16")
 
 
 def test_parse_bytes_reads_decimal_units():

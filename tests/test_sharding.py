@@ -28,7 +28,9 @@ from saerl_jax.model import Qwen2, Qwen2Config
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("sharding_worker.py")
 TRAIN_WORKER = Path(__file__).with_name("multihost_worker.py")
-MESHES = ("8x1x1", "2x2x2", "1x4x2")
+MESHES = ("2x2x2", "8x1x1", "1x4x2")
+FAST_MESH = "2x2x2"
+"""The mesh ``make test`` checks (all three axes at once); the others run under ``make test-slow``."""
 LOSSES = ("grpo", "dapo")
 TOL = 1e-5
 
@@ -148,12 +150,11 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="module")
-def sharded_runs(tmp_path_factory):
-    """What the worker recorded, ``{loss}/{mesh}/...`` (one process for all runs: about a minute)."""
+def _worker_runs(tmp_path_factory, meshes: list[str]) -> dict[str, np.ndarray]:
+    """What the worker recorded for one device and ``meshes``, ``{loss}/{mesh}/...`` (one process)."""
     out = tmp_path_factory.mktemp("sharded") / "runs.npz"
     proc = subprocess.run(
-        [sys.executable, str(WORKER), str(out)],
+        [sys.executable, str(WORKER), str(out), "1x1x1", *meshes],
         env=_env(8),
         cwd=ROOT,
         capture_output=True,
@@ -162,6 +163,27 @@ def sharded_runs(tmp_path_factory):
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     return dict(np.load(out))
+
+
+@pytest.fixture(scope="module")
+def fast_runs(tmp_path_factory):
+    return _worker_runs(tmp_path_factory, [FAST_MESH])  # about 30 s
+
+
+@pytest.fixture(scope="module")
+def slow_runs(tmp_path_factory):
+    return _worker_runs(tmp_path_factory, [m for m in MESHES if m != FAST_MESH])
+
+
+def _mesh_params(meshes):
+    """``meshes`` as parameters, all but :data:`FAST_MESH` marked slow."""
+    return [m if m in (FAST_MESH, "1x1x1") else pytest.param(m, marks=pytest.mark.slow) for m in meshes]
+
+
+@pytest.fixture
+def sharded_runs(request, mesh):
+    """The worker's record holding ``mesh`` (and the one-device runs)."""
+    return request.getfixturevalue("fast_runs" if mesh in (FAST_MESH, "1x1x1") else "slow_runs")
 
 
 def _series(runs, mesh):
@@ -173,7 +195,7 @@ def _tree(runs, prefix):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", _mesh_params(MESHES))
 def test_sharded_step_matches_one_device(sharded_runs, loss, mesh):
     runs = _tree(sharded_runs, f"{loss}/")
     one, many = _series(runs, "1x1x1"), _series(runs, mesh)
@@ -200,7 +222,7 @@ LAYOUTS = {
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("mesh", sorted(LAYOUTS))
+@pytest.mark.parametrize("mesh", _mesh_params(sorted(LAYOUTS)))
 def test_params_stay_sharded_by_the_rules(sharded_runs, loss, mesh):
     runs = _tree(sharded_runs, f"{loss}/")
     devices, q_block, embed_block = LAYOUTS[mesh]

@@ -168,6 +168,54 @@ def _apply_rotary(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> 
     return x_BTNH * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
 
 
+def _attend_one(q_BKG1H: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_B1S: jax.Array) -> jax.Array:
+    """Attention of one query token (a decode step) as broadcast multiply-and-sums: XLA:CPU runs the
+    batched-dot form as B*K tiny library calls; this fuses into one loop (about 3x faster at 1,024 cache
+    slots on two cores) and computes the same sums."""
+    h = q_BKG1H.shape[-1]
+    scores_BKG1S = jnp.sum(q_BKG1H[:, :, :, :, None, :] * k_BKSH[:, :, None, None, :, :], axis=-1)
+    scores_BKG1S = jnp.where(mask_B1S[:, None, None], scores_BKG1S.astype(jnp.float32) * h**-0.5, _MASK_VALUE)
+    probs_BKG1S = jax.nn.softmax(scores_BKG1S, axis=-1).astype(v_BKSH.dtype)
+    return jnp.sum(probs_BKG1S[..., None] * v_BKSH[:, :, None, None, :, :], axis=-2)
+
+
+def _attend_all(q_BKGTH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array) -> jax.Array:
+    """Softmax attention of T queries over S keys, the G query heads of a K/V head as one matrix (plain
+    batched matmuls: faster forward and backward on CPU); scores and softmax in float32."""
+    b, k_heads, g, t, h = q_BKGTH.shape
+    scores_BKQS = jnp.einsum("bkqh,bksh->bkqs", q_BKGTH.reshape(b, k_heads, g * t, h), k_BKSH)
+    scores_BKGTS = scores_BKQS.reshape(b, k_heads, g, t, -1)
+    scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS.astype(jnp.float32) * h**-0.5, _MASK_VALUE)
+    probs_BKQS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype).reshape(b, k_heads, g * t, -1)
+    return jnp.einsum("bkqs,bksh->bkqh", probs_BKQS, v_BKSH).reshape(b, k_heads, g, t, h)
+
+
+def attend(
+    q_BKGTH: jax.Array, k_BKSH: jax.Array, v_BKSH: jax.Array, mask_BTS: jax.Array, *, chunk: int = 0
+) -> jax.Array:
+    """Softmax attention, ``chunk`` queries at a time when ``0 < chunk < T``.
+
+    Every query's softmax runs over all S keys either way, so chunking changes no value; it bounds the
+    float32 scores held at once to ``[B, N, chunk, S]`` instead of ``[B, N, T, S]`` (at T = S = 3,584
+    and 12 heads, 0.6 GB per row instead of one chunk's share). Each chunk is recomputed in the backward
+    pass (``jax.checkpoint``), so its gradient holds one chunk's scores too. The last chunk is padded with
+    queries that see no key and dropped.
+    """
+    t = q_BKGTH.shape[3]
+    if chunk <= 0 or chunk >= t:
+        return _attend_all(q_BKGTH, k_BKSH, v_BKSH, mask_BTS)
+    num = -(-t // chunk)
+    pad = num * chunk - t
+    q_BKGTH = jnp.pad(q_BKGTH, ((0, 0), (0, 0), (0, 0), (0, pad), (0, 0)))
+    mask_BTS = jnp.pad(mask_BTS, ((0, 0), (0, pad), (0, 0)))
+    b, k_heads, g, _, h = q_BKGTH.shape
+    q_CBKGcH = q_BKGTH.reshape(b, k_heads, g, num, chunk, h).transpose(3, 0, 1, 2, 4, 5)
+    mask_CBcS = mask_BTS.reshape(b, num, chunk, -1).swapaxes(0, 1)
+    one = jax.checkpoint(lambda qm: _attend_all(qm[0], k_BKSH, v_BKSH, qm[1]))
+    out_CBKGcH = jax.lax.map(one, (q_CBKGcH, mask_CBcS))
+    return out_CBKGcH.transpose(1, 2, 3, 0, 4, 5).reshape(b, k_heads, g, num * chunk, h)[:, :, :, :t]
+
+
 class RMSNorm(nnx.Module):
     """RMSNorm computed in float32, cast back to the input dtype before the weight multiply."""
 
@@ -230,10 +278,12 @@ class Qwen2Attention(nnx.Module):
         mask_BTS: jax.Array,
         cache: LayerCache | None = None,
         cache_index: jax.Array | int = 0,
+        attention_chunk: int = 0,
     ) -> tuple[jax.Array, LayerCache | None]:
         """Attends from the T new tokens to themselves, or to the S cache slots when ``cache`` is given.
 
         With a cache, the new keys/values are written at slots ``cache_index .. cache_index + T``.
+        ``attention_chunk`` > 0 attends that many queries at a time (see :func:`attend`).
         """
         b, t, _ = x_BTD.shape
         k_heads, g, h = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
@@ -251,20 +301,9 @@ class Qwen2Attention(nnx.Module):
             k_BKSH, v_BKSH = (c.astype(x_BTD.dtype) for c in cache)  # a cache_dtype other than compute
         q_BKGTH = q_BTNH.reshape(b, t, k_heads, g, h).transpose(0, 2, 3, 1, 4)
         if t == 1:
-            # One query token (a decode step): a broadcast multiply-and-sum. XLA:CPU runs the
-            # batched-dot form as B*K tiny library calls; this fuses into one loop (about 3x faster
-            # at 1,024 cache slots on two cores) and computes the same sums.
-            scores_BKGTS = jnp.sum(q_BKGTH[:, :, :, :, None, :] * k_BKSH[:, :, None, None, :, :], axis=-1)
-        else:  # the G query heads of a K/V head as one matrix: plain batched matmuls, fwd and bwd faster on CPU
-            scores_BKQS = jnp.einsum("bkqh,bksh->bkqs", q_BKGTH.reshape(b, k_heads, g * t, h), k_BKSH)
-            scores_BKGTS = scores_BKQS.reshape(b, k_heads, g, t, -1)
-        scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS.astype(jnp.float32) * h**-0.5, _MASK_VALUE)
-        probs_BKGTS = jax.nn.softmax(scores_BKGTS, axis=-1).astype(v_BKSH.dtype)
-        if t == 1:
-            out_BKGTH = jnp.sum(probs_BKGTS[..., None] * v_BKSH[:, :, None, None, :, :], axis=-2)
+            out_BKGTH = _attend_one(q_BKGTH, k_BKSH, v_BKSH, mask_BTS)
         else:
-            probs_BKQS = probs_BKGTS.reshape(b, k_heads, g * t, -1)
-            out_BKGTH = jnp.einsum("bkqs,bksh->bkqh", probs_BKQS, v_BKSH).reshape(b, k_heads, g, t, h)
+            out_BKGTH = attend(q_BKGTH, k_BKSH, v_BKSH, mask_BTS, chunk=attention_chunk)
         out_BTKGH = out_BKGTH.transpose(0, 3, 1, 2, 4)
         return self.o_proj(out_BTKGH.reshape(b, t, self.num_heads * h)), cache
 
@@ -291,14 +330,12 @@ class Qwen2DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype=dtype)
         self.mlp = Qwen2MLP(cfg, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x_BTD, cos_sin, mask_BTS, cache=None, cache_index=0):
-        attn_BTD, cache = self.self_attn(self.input_layernorm(x_BTD), cos_sin, mask_BTS, cache, cache_index)
+    def __call__(self, x_BTD, cos_sin, mask_BTS, cache=None, cache_index=0, attention_chunk=0):
+        attn_BTD, cache = self.self_attn(
+            self.input_layernorm(x_BTD), cos_sin, mask_BTS, cache, cache_index, attention_chunk
+        )
         x_BTD = x_BTD + attn_BTD
         return x_BTD + self.mlp(self.post_attention_layernorm(x_BTD)), cache
-
-
-def _block_output(layer: Qwen2DecoderLayer, x_BTD, cos_sin, mask_BTS) -> jax.Array:
-    return layer(x_BTD, cos_sin, mask_BTS)[0]
 
 
 class Qwen2(nnx.Module):
@@ -381,6 +418,7 @@ class Qwen2(nnx.Module):
         cache: tuple[LayerCache, ...] | None = None,
         cache_index: jax.Array | int = 0,
         remat: bool = False,
+        attention_chunk: int = 0,
     ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
         """Residual stream after ``num_layers`` blocks (all by default), and the updated cache."""
         return self.run_layers(
@@ -391,6 +429,7 @@ class Qwen2(nnx.Module):
             cache=cache,
             cache_index=cache_index,
             remat=remat,
+            attention_chunk=attention_chunk,
         )
 
     def run_layers(
@@ -404,25 +443,47 @@ class Qwen2(nnx.Module):
         cache: tuple[LayerCache, ...] | None = None,
         cache_index: jax.Array | int = 0,
         remat: bool = False,
+        attention_chunk: int = 0,
     ) -> tuple[jax.Array, tuple[LayerCache, ...] | None]:
         """Runs blocks ``start .. stop`` on a residual stream (e.g. one with an SAE reconstruction spliced in).
 
         With a cache, ``cache[i]`` belongs to block i and the returned cache has the same length. With
-        ``remat`` (and no cache), a gradient keeps only each block's input and recomputes the rest.
+        With ``remat`` (and no cache), a gradient keeps only each block's input and recomputes the rest
+        (see :meth:`_scan_blocks`).
+        ``attention_chunk`` > 0 attends that many queries at a time (same values, bounded scores; see
+        :func:`attend`).
         """
         stop = self.config.num_hidden_layers if stop is None else stop
         cos_sin = rotary_cos_sin(positions_BT, self.config.head_dim, self.config.rope_theta, self.dtype)
+        if remat and cache is None and stop > start:
+            return self._scan_blocks(x_BTD, cos_sin, mask_BTS, start, stop, attention_chunk), None
         new_cache = None if cache is None else list(cache)
         for i in range(start, stop):
-            if remat and cache is None:
-                x_BTD = nnx.remat(_block_output)(self.layers[i], x_BTD, cos_sin, mask_BTS)
-                continue
             x_BTD, layer_cache = self.layers[i](
-                x_BTD, cos_sin, mask_BTS, None if cache is None else cache[i], cache_index
+                x_BTD, cos_sin, mask_BTS, None if cache is None else cache[i], cache_index, attention_chunk
             )
             if new_cache is not None:
                 new_cache[i] = layer_cache
         return x_BTD, None if new_cache is None else tuple(new_cache)
+
+    def _scan_blocks(self, x_BTD, cos_sin, mask_BTS, start: int, stop: int, attention_chunk: int) -> jax.Array:
+        """Blocks ``start .. stop`` as a ``lax.scan`` over their stacked parameters, each recomputed in the
+        backward pass (``jax.checkpoint``).
+
+        A scan, not a Python loop of checkpointed blocks: XLA:CPU drops the optimisation barriers of an
+        unrolled remat and merges the recomputation back into the forward pass (the compiled gradient then
+        holds every block's attention scores, measured in ``tests/test_memory_plan.py``), while the backward
+        loop of a scan can only hold one block's. The stacked parameters are a copy of the blocks' weights
+        (in the compute dtype) for the duration of the pass.
+        """
+        graphdef = nnx.graphdef(self.layers[start])
+        stacked = jax.tree.map(lambda *xs: jnp.stack(xs), *(nnx.state(self.layers[i]) for i in range(start, stop)))
+
+        def block(x_BTD, state):
+            layer = nnx.merge(graphdef, state)
+            return layer(x_BTD, cos_sin, mask_BTS, attention_chunk=attention_chunk)[0], None
+
+        return jax.lax.scan(jax.checkpoint(block), x_BTD, stacked)[0]
 
     def logits(self, x_BTD: jax.Array) -> jax.Array:
         """Final RMSNorm and LM head: ``[..., D] -> [..., V]``."""

@@ -28,6 +28,8 @@ class SamplingConfig:
     """Nucleus sampling: keep the smallest set of tokens whose probability reaches top_p."""
     cache_dtype: str | None = None
     """Dtype of the KV cache; None: the model's compute dtype (that of its parameters)."""
+    attention_chunk: int = 0
+    """Prompt queries attended at a time in the prefill (bounded scores, same values); 0: all at once."""
 
     def __post_init__(self) -> None:
         if self.max_new_tokens < 1:
@@ -36,6 +38,8 @@ class SamplingConfig:
             raise ValueError(f"temperature must be >= 0, got {self.temperature}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.attention_chunk < 0:
+            raise ValueError(f"attention_chunk must be >= 0, got {self.attention_chunk}")
 
 
 class GenerateOutput(NamedTuple):
@@ -151,6 +155,7 @@ def generate_fn(
         positions_from_mask(attention_mask_BT),
         causal_mask(key_mask_BS, jnp.broadcast_to(jnp.arange(t), (b, t))),
         cache=model.init_cache(b, t + n, cfg.cache_dtype),
+        attention_chunk=cfg.attention_chunk,
     )
     logits_BV = model.logits(x_BTD[:, -1])
 
