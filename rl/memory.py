@@ -20,6 +20,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import NamedTuple
 
@@ -94,14 +95,25 @@ class PlanSetting:
     param_dtype: str = "float32"
     """Dtype of the parameters (and so of the optimizer moments)."""
     compile_layers: int = 0
-    """0 compiles every layer; k > 0 compiles k and 2k layers and extrapolates linearly per layer."""
+    """0 compiles every layer; k > 0 compiles two layer counts k apart (:attr:`layer_counts`) and
+    extrapolates linearly per layer."""
 
     def __post_init__(self) -> None:
-        if self.compile_layers < 0 or 2 * self.compile_layers > self.model.num_hidden_layers:
+        if self.compile_layers < 0 or (self.compile_layers and self.layer_counts[1] > self.model.num_hidden_layers):
             raise ValueError(
                 f"compile_layers must be 0 or in [1, {self.model.num_hidden_layers // 2}] "
-                f"(twice it fits in {self.model.num_hidden_layers} layers), got {self.compile_layers}"
+                f"(the layer counts compiled must fit in {self.model.num_hidden_layers} layers), "
+                f"got {self.compile_layers}"
             )
+
+    @property
+    def layer_counts(self) -> tuple[int, int]:
+        """The two layer counts compiled with ``compile_layers = k``: k and 2k, but never fewer than 2
+        layers: with remat the blocks are a scan, and XLA compiles a one-step scan as straight-line code
+        whose memory is off the per-layer line (7B, 4 rows: 24.2 GB of temporaries at 1 layer, 22.8 at 2,
+        then +2.5 GB per layer)."""
+        low = max(self.compile_layers, 2)
+        return low, low + self.compile_layers
 
 
 def host_device_env(devices: int, env: dict[str, str] | None = None) -> dict[str, str]:
@@ -236,25 +248,47 @@ class Plan(NamedTuple):
         return max(phase.total_bytes for phase in self.phases)
 
 
+PROGRESS = "plan-memory: "
+"""Prefix of the progress lines printed to stderr (a compile of a full-size model takes about a minute)."""
+
+
+def _describe(setting: PlanSetting) -> str:
+    cfg = setting.config
+    return (
+        f"mesh {'x'.join(map(str, setting.mesh))}, accumulation {cfg.gradient_accumulation_steps}, "
+        f"rollout chunk {cfg.rollout_batch_size or cfg.rows}, remat {cfg.remat}"
+    )
+
+
 def plan(setting: PlanSetting) -> Plan:
     """Compiles the train step, the rollout at its chunk's shape and the log-prob passes of ``setting``.
 
-    With ``compile_layers = k`` the programs are compiled for k and 2k layers and every byte count is
-    extrapolated linearly to the model's layer count (compiling 28 unrolled blocks is slow on a laptop).
+    With ``compile_layers = k`` the programs are compiled for two layer counts k apart
+    (:attr:`PlanSetting.layer_counts`) and every byte count is extrapolated linearly to the model's layer
+    count (compiling 28 unrolled blocks is slow on a laptop).
 
     Raises:
       ValueError: the mesh does not match the device count, or a tensor does not divide over it.
     """
+    print(f"{PROGRESS}compiling {_describe(setting)}", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    result = _plan(setting)
+    took = time.perf_counter() - started
+    print(f"{PROGRESS}  peak {_gb(result.peak_bytes)} GB per device ({took:.0f} s)", file=sys.stderr, flush=True)
+    return result
+
+
+def _plan(setting: PlanSetting) -> Plan:
     mesh = make_mesh(*setting.mesh)
     dtype = jnp.dtype(setting.param_dtype)
     if setting.compile_layers == 0:
         return Plan(setting, *_compile(setting.model, setting.config, mesh, dtype))
-    k, layers = setting.compile_layers, setting.model.num_hidden_layers
+    (first, second), layers = setting.layer_counts, setting.model.num_hidden_layers
     low, high = (
         _compile(dataclasses.replace(setting.model, num_hidden_layers=n), setting.config, mesh, dtype)
-        for n in (k, 2 * k)
+        for n in (first, second)
     )
-    steps = (layers - k) / k
+    steps = (layers - first) / (second - first)
 
     def line(a: int, b: int) -> int:
         return round(a + steps * (b - a))
@@ -298,7 +332,7 @@ def plan_table(result: Plan, device_bytes: int | None = None) -> str:
         f"{cfg.max_completion_length}, accumulation "
         f"{cfg.gradient_accumulation_steps}, rollout chunk {cfg.rollout_batch_size or cfg.rows}, remat {cfg.remat}, "
         f"attention chunk {cfg.attention_chunk or 'none'}, beta {cfg.beta}"
-        + (f" (extrapolated from {s.compile_layers} and {2 * s.compile_layers} layers)" if s.compile_layers else "")
+        + (f" (extrapolated from {s.layer_counts[0]} and {s.layer_counts[1]} layers)" if s.compile_layers else "")
     )
     lines = [
         head,
@@ -321,13 +355,15 @@ def plan_table(result: Plan, device_bytes: int | None = None) -> str:
 
 
 def _ladder(setting: PlanSetting, remat: bool) -> list[PlanSetting]:
-    """Settings from cheapest to leanest: accumulation steps doubling and the rollout chunk halving together
-    (each rung's micro-batch still splits over the mesh's batch axes)."""
+    """Settings from cheapest to leanest: accumulation steps doubling (each rung's micro-batch still splits
+    over the mesh's batch axes). The rollout keeps the setting's chunk when it has one (rows per
+    ``generate`` call are a throughput choice of their own: a search that halved them with the micro-batch
+    ended at 2 rows per call); without one it halves with the micro-batch."""
     cfg, (data, fsdp, _) = setting.config, setting.mesh
     ways = max(data, 1) * fsdp
     rungs, a = [], 1
     while cfg.rows % a == 0 and (cfg.rows // a) % ways == 0:
-        chunk = max(cfg.rows // a, 1)
+        chunk = cfg.rollout_batch_size or max(cfg.rows // a, 1)
         new = dataclasses.replace(cfg, gradient_accumulation_steps=a, rollout_batch_size=chunk, remat=remat)
         rungs.append(dataclasses.replace(setting, config=new))
         a *= 2
@@ -335,15 +371,22 @@ def _ladder(setting: PlanSetting, remat: bool) -> list[PlanSetting]:
 
 
 def search(
-    setting: PlanSetting, device_bytes: int, meshes: list[tuple[int, int, int]]
+    setting: PlanSetting,
+    device_bytes: int,
+    meshes: list[tuple[int, int, int]],
+    compiled: dict[PlanSetting, Plan] | None = None,
 ) -> tuple[list[Plan], list[Plan]]:
     """The cheapest fitting setting per mesh: without remat first, then with; on each ladder
     (:func:`_ladder`) a bisection, assuming fewer rows per program never needs more memory.
+
+    ``compiled`` holds the plans already made (and gains the new ones), so that searching several device
+    sizes compiles each setting once.
 
     Returns:
       ``(fitting, not_fitting)``: a plan per mesh that has a fitting rung, and every plan compiled that did
       not fit (the ones just short of fitting among them).
     """
+    compiled = {} if compiled is None else compiled
     fitting, missed = [], []
     for mesh in meshes:
         for remat in (False, True):
@@ -351,7 +394,9 @@ def search(
             lo, hi, best = 0, len(rungs) - 1, None
             while lo <= hi:
                 mid = (lo + hi) // 2
-                result = plan(rungs[mid])
+                if rungs[mid] not in compiled:
+                    compiled[rungs[mid]] = plan(rungs[mid])
+                result = compiled[rungs[mid]]
                 if result.peak_bytes <= device_bytes:
                     best, hi = result, mid - 1
                 else:
@@ -379,8 +424,8 @@ class MemoryPlanJob:
     """Parameter dtype."""
     compile_layers: int = 0
     """0 compiles every layer; k compiles k and 2k layers and extrapolates per layer."""
-    device_memory: str | None = None
-    """Memory of one device (``80GB``): also search the cheapest settings that fit."""
+    device_memory: tuple[str, ...] = ()
+    """Memory of one device (``80GB``), or several sizes: also search the cheapest settings that fit each."""
     search_meshes: bool = False
     """With ``device_memory``: search pure data, pure fsdp and fsdp x 2-way tensor layouts too, not only
     ``mesh`` (each layout costs a few compiles)."""
@@ -388,8 +433,8 @@ class MemoryPlanJob:
     def __post_init__(self) -> None:
         if self.devices < 1:
             raise ValueError(f"devices must be >= 1, got {self.devices}")
-        if self.device_memory is not None:
-            parse_bytes(self.device_memory)
+        for size in self.device_memory:
+            parse_bytes(size)
 
     def to_json(self) -> str:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -399,7 +444,15 @@ class MemoryPlanJob:
     def from_json(cls, text: str) -> MemoryPlanJob:
         raw = json.loads(text)
         config = config_from_dict(raw.pop("config"))
-        return cls(**{**raw, "model_config": Path(raw["model_config"]), "mesh": tuple(raw["mesh"]), "config": config})
+        return cls(
+            **{
+                **raw,
+                "model_config": Path(raw["model_config"]),
+                "mesh": tuple(raw["mesh"]),
+                "device_memory": tuple(raw["device_memory"]),
+                "config": config,
+            }
+        )
 
 
 def _meshes(devices: int, first: tuple[int, int, int]) -> list[tuple[int, int, int]]:
@@ -422,16 +475,46 @@ def report(job: MemoryPlanJob) -> str:
         param_dtype=job.param_dtype,
         compile_layers=job.compile_layers,
     )
-    device_bytes = None if job.device_memory is None else parse_bytes(job.device_memory)
-    parts = [f"# Compiled memory plan: {path} on {job.devices} device(s)\n", plan_table(plan(setting), device_bytes)]
-    if device_bytes is not None:
-        meshes = _meshes(job.devices, job.mesh) if job.search_meshes else [setting.mesh]
-        fitting, missed = search(setting, device_bytes, meshes)
+    sizes = [parse_bytes(size) for size in job.device_memory]
+    compiled = {setting: plan(setting)}
+    parts = [f"# Compiled memory plan: {path} on {job.devices} device(s)\n", plan_table(compiled[setting])]
+    meshes = _meshes(job.devices, job.mesh) if job.search_meshes else [setting.mesh]
+    for device_bytes in sizes:
+        fitting, _ = search(setting, device_bytes, meshes, compiled)
         parts.append(f"\n## Cheapest settings that fit in {_gb(device_bytes)} GB per device\n")
         parts += [plan_table(p, device_bytes) + "\n" for p in fitting] or ["none of the settings tried fits\n"]
-        parts.append("## Tried and do not fit\n")
-        parts += [plan_table(p, device_bytes) + "\n" for p in missed] or ["(none)\n"]
+    if sizes:
+        parts += ["## Every setting compiled\n", search_table(list(compiled.values()), sizes)]
     return "\n".join(parts)
+
+
+def search_table(plans: list[Plan], sizes: list[int]) -> str:
+    """One row per compiled setting: its knobs, each phase's device total and whether it fits each size."""
+    names = [phase.name.split(" (")[0] for phase in plans[0].phases]
+    head = ["mesh", "accumulation", "rows per micro-batch", "rollout chunk", "remat", *names, "peak"]
+    head += [f"fits {_gb(size)} GB" for size in sizes]
+    lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + " |"]
+    order = sorted(
+        plans,
+        key=lambda p: (
+            p.setting.mesh,
+            p.setting.config.remat,
+            p.setting.config.rows // p.setting.config.gradient_accumulation_steps,
+        ),
+    )
+    for p in order:
+        cfg = p.setting.config
+        cells = [
+            "x".join(map(str, p.setting.mesh)),
+            cfg.gradient_accumulation_steps,
+            cfg.rows // cfg.gradient_accumulation_steps,
+        ]
+        cells += [cfg.rollout_batch_size or cfg.rows, cfg.remat, *(_gb(ph.total_bytes) for ph in p.phases)]
+        cells += [_gb(p.peak_bytes), *("yes" if p.peak_bytes <= size else "no" for size in sizes)]
+        row = "| " + " | ".join(map(str, cells)) + " |"
+        if row not in lines:  # the job's own setting may also be a rung of the search
+            lines.append(row)
+    return "\n".join(lines) + "\n"
 
 
 def run_plan_memory(job: MemoryPlanJob) -> str:
@@ -442,12 +525,23 @@ def run_plan_memory(job: MemoryPlanJob) -> str:
         return report(job)
     root = Path(__file__).resolve().parents[1]
     env["PYTHONPATH"] = os.pathsep.join([str(root), env.get("PYTHONPATH", "")])
-    proc = subprocess.run(
-        [sys.executable, "-m", "rl.memory", job.to_json()], env=env, capture_output=True, text=True, check=False
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rl.memory", job.to_json()],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
-    if proc.returncode:
-        raise ValueError(proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else "the memory plan failed")
-    return proc.stdout
+    last = ""
+    for line in proc.stderr:  # progress lines pass through; the last line names a failure
+        if line.startswith(PROGRESS):
+            print(line, end="", file=sys.stderr, flush=True)
+        elif line.strip():
+            last = line.strip()
+    out = proc.stdout.read()
+    if proc.wait():
+        raise ValueError(last or "the memory plan failed")
+    return out
 
 
 if __name__ == "__main__":

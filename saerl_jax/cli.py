@@ -302,7 +302,12 @@ def _plan_memory_parser(sub) -> None:
     p.add_argument("--algo", choices=sorted(ALGOS), default="grpo", help="algorithm and its defaults (%(default)s)")
     p.add_argument("--param-dtype", default="float32", help="parameter dtype (%(default)s)")
     p.add_argument("--compile-layers", type=int, default=0, help="compile k and 2k layers, extrapolate (0: all)")
-    p.add_argument("--device-memory", help="memory of one device, e.g. 80GB: also search settings that fit")
+    p.add_argument(
+        "--device-memory",
+        nargs="+",
+        default=[],
+        help="memory of one device, e.g. 80GB (or several sizes): also search the cheapest settings that fit",
+    )
     p.add_argument(
         "--search-meshes", action="store_true", help="with --device-memory, try other mesh layouts too (slower)"
     )

@@ -16,8 +16,20 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import rl.memory
 from rl.config import GRPOConfig
-from rl.memory import PlanSetting, Usage, host_device_env, parse_bytes, plan, planned_config
+from rl.memory import (
+    Phase,
+    Plan,
+    PlanSetting,
+    Usage,
+    host_device_env,
+    parse_bytes,
+    plan,
+    planned_config,
+    search,
+    search_table,
+)
 from rl.sharding import batch_sharding, make_mesh, tree_shardings
 from rl.step import init_state, jit_train_step, make_optimizer
 from saerl_jax.cli import main
@@ -104,14 +116,20 @@ def _rss(field: str) -> int:
 
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to read the RSS peak")
-def test_compiled_estimate_is_within_a_factor_of_the_measured_peak():
+@pytest.mark.parametrize(
+    "options",
+    [{}, pytest.param({"remat": True, "attention_chunk": 16, "max_completion_length": 224}, marks=pytest.mark.slow)],
+    ids=["plain", "remat-chunked"],
+)
+def test_compiled_estimate_is_within_a_factor_of_the_measured_peak(options):
+    config = dataclasses.replace(CONFIG, **options)
     mesh = make_mesh(1, 1, 1, devices=jax.devices()[:1])
     model = Qwen2(MODEL, rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(model)
-    optimizer = make_optimizer(CONFIG)
+    optimizer = make_optimizer(config)
     shardings = tree_shardings(jax.eval_shape(lambda p: init_state(p, optimizer), params), mesh)
-    step = jit_train_step(graphdef, CONFIG, optimizer, state_shardings=shardings, batch_shardings=batch_sharding(mesh))
-    rows, p, n = CONFIG.rows, CONFIG.max_prompt_length, CONFIG.max_completion_length
+    step = jit_train_step(graphdef, config, optimizer, state_shardings=shardings, batch_shardings=batch_sharding(mesh))
+    rows, p, n = config.rows, config.max_prompt_length, config.max_completion_length
     rng = np.random.default_rng(0)
     host = {
         "prompt_ids_BP": rng.integers(0, MODEL.vocab_size, (rows, p), dtype=np.int32),
@@ -191,6 +209,39 @@ def test_a_plan_resolves_default_dtypes_as_an_accelerator_does():
     assert (planned.compute_dtype, planned.reference_dtype, planned.cache_dtype) == ("bfloat16",) * 3
     chosen = planned_config(GRPOConfig(compute_dtype="float32", cache_dtype="bfloat16"))
     assert (chosen.compute_dtype, chosen.reference_dtype, chosen.cache_dtype) == ("float32", "float32", "bfloat16")
+
+
+def test_search_finds_the_cheapest_fitting_rung_and_compiles_each_setting_once(monkeypatch):
+    """With a stand-in for the compiler: peak bytes = rows per micro-batch (halved by remat), so the
+    cheapest fitting rung is known, and a second device size reuses every plan already made."""
+    calls = []
+
+    def fake_plan(setting: PlanSetting) -> Plan:
+        calls.append(setting)
+        cfg = setting.config
+        rows = cfg.rows // cfg.gradient_accumulation_steps
+        usage = Usage(0, 0, 0, (rows + 1) // 2 if cfg.remat else rows)
+        return Plan(setting, [Phase("train step", usage, 0)], 0, 0)
+
+    monkeypatch.setattr(rl.memory, "plan", fake_plan)
+    setting = PlanSetting(model=MODEL, config=CONFIG, mesh=(1, 1, 1))  # 16 rows: rungs 16, 8, 4, 2, 1
+    compiled: dict = {}
+    fitting, missed = search(setting, 4, [(1, 1, 1)], compiled)
+    (best,) = fitting
+    assert (best.setting.config.gradient_accumulation_steps, best.setting.config.remat) == (4, False)
+    assert best.setting.config.rollout_batch_size == 4  # none given: it halves with the micro-batch
+    assert all(p.peak_bytes > 4 for p in missed)
+    first = len(calls)
+    fitting, _ = search(setting, 8, [(1, 1, 1)], compiled)
+    assert fitting[0].setting.config.gradient_accumulation_steps == 2
+    (tight,) = search(setting, 0, [(1, 1, 1)], compiled)[0] or [None]  # nothing fits in 0 bytes
+    assert tight is None
+    assert len(calls) == len(compiled) and len(set(calls)) == len(calls)  # never the same setting twice
+    assert first < len(calls)
+    table = search_table(list(compiled.values()), [4, 8])
+    rows = [line for line in table.splitlines()[2:] if line]
+    assert len(rows) == len(compiled)
+    assert "| 1x1x1 | 4 | 4 | 4 | False | 0.00 | 0.00 | yes | yes |" in table
 
 
 def test_parse_bytes_reads_decimal_units():
