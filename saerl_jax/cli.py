@@ -147,7 +147,19 @@ def _engineer_parser(sub) -> None:
         help="ids per plan batch; must equal the trainer's global batch size, saerl train --batch-size (%(default)s)",
     )
     p.add_argument("--n-stages", type=int, default=d.n_stages, help="curriculum stages (%(default)s)")
-    p.add_argument("--mixing-ratio", type=float, default=d.mixing_ratio, help="0: no-mixing ablation (%(default)s)")
+    p.add_argument(
+        "--mixing-ratio",
+        type=float,
+        default=d.mixing_ratio,
+        help="share of each cluster batch mixed; 0: no-mixing ablation (%(default)s)",
+    )
+    p.add_argument(
+        "--mixing",
+        choices=["pairs", "pooled"],
+        default=d.mixing,
+        help="pairs: swap with the neighbouring cluster batch (ratio <= 0.5); pooled: a stage-wide pool dealt "
+        "back at random (ratio <= 1; 1 = stage-random batches) (%(default)s)",
+    )
     p.add_argument(
         "--no-sort",
         dest="sort",

@@ -1,6 +1,7 @@
 """Ablations of the SAERL plan: no difficulty sort, no mixing, no clustering, and a mixing-ratio sweep.
 
     python scripts/ablate.py [--seeds 0 1 2] [--sweep 0 0.1 0.25 0.5] [--out runs/ablate]
+    python scripts/ablate.py --mixing pooled      # sweep 0 0.1 0.25 0.5 0.75 1: up to stage-random batches
 
 Every plan is built by saerl engineer from one SAE feature store (built under OUT unless --store is
 given) with the full plan's options except the one ablated; every arm gets the same GRPO budget. The
@@ -18,7 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from saerl_jax.experiments import SWEEP, AblateConfig, run_ablate
+from saerl_jax.experiments import POOLED_SWEEP, SWEEP, AblateConfig, run_ablate
 from saerl_jax.experiments.cli import add_study_args, study_options
 
 
@@ -28,14 +29,21 @@ def main(argv: list[str] | None = None) -> None:
     group = parser.add_argument_group("plans")
     group.add_argument("--mixing-ratio", type=float, default=0.25, help="the full plan's mixing ratio (default: 0.25)")
     group.add_argument(
+        "--mixing",
+        choices=["pairs", "pooled"],
+        default="pairs",
+        help="pairs: swap with the neighbouring cluster batch (ratios <= 0.5); pooled: a stage-wide pool dealt "
+        "back at random (ratios <= 1, 1 = stage-random batches) (default: pairs)",
+    )
+    group.add_argument(
         "--sweep",
         type=float,
         nargs="+",
-        default=list(SWEEP),
-        help="mixing ratios of the sweep (default: 0 0.1 0.25 0.5)",
+        help="mixing ratios of the sweep (default: 0 0.1 0.25 0.5; with --mixing pooled 0 0.1 0.25 0.5 0.75 1)",
     )
     args = parser.parse_args(argv)
-    run_ablate(AblateConfig(**study_options(args), mixing_ratio=args.mixing_ratio, sweep=tuple(args.sweep)))
+    sweep = tuple(args.sweep) if args.sweep else POOLED_SWEEP if args.mixing == "pooled" else SWEEP
+    run_ablate(AblateConfig(**study_options(args), mixing_ratio=args.mixing_ratio, sweep=sweep, mixing=args.mixing))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from scipy import stats as sp_stats
 
 from saerl_jax.engineering.planner import CurriculumPlanner
 from saerl_jax.experiments import aggregate, aggregate_arm, mean_curve, spread, steps_to_target
-from saerl_jax.experiments.ablate import ABLATIONS, variants
+from saerl_jax.experiments.ablate import ABLATIONS, AblateConfig, variants
 from saerl_jax.experiments.transfer import TransferConfig, tokenizer_of
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
@@ -98,6 +98,12 @@ def test_ablation_variants_reuse_arms_for_sweep_ratios_that_are_ablations():
     assert arms["no_sort"] == {"mixing_ratio": 0.25, "sort": False}
     assert arms["no_cluster"] == {"mixing_ratio": 0.25, "cluster": False}
     assert points == {0.0: "no_mixing", 0.1: "mixing_0.1", 0.25: "saerl", 0.5: "mixing_0.5"}
+    pooled, points = variants(0.25, (0.0, 0.25, 1.0), "pooled")
+    assert all(options["mixing"] == "pooled" for options in pooled.values())
+    assert points == {0.0: "no_mixing", 0.25: "saerl", 1.0: "mixing_1"}
+    with pytest.raises(ValueError, match="with mixing='pairs' mixing ratios must be in"):
+        AblateConfig(sweep=(0.0, 0.75))
+    assert AblateConfig(sweep=(0.0, 0.75, 1.0), mixing="pooled").sweep[-1] == 1.0
 
 
 def test_each_ablation_arm_removes_what_it_says():

@@ -29,6 +29,7 @@ SWEEP = [
     for _ in range(3)
     for sort, cluster, mixing in itertools.product([True, False], [True, False], ["none", "some", "half"])
 ] + [dict(sort=True, cluster=True, mixing="some", order="random")] * 6
+SWEEP += [dict(sort=sort, cluster=True, mixing="pooled", order="curriculum") for sort in (True, False, True)]
 
 
 def _sweep_config(seed: int) -> dict:
@@ -36,7 +37,10 @@ def _sweep_config(seed: int) -> dict:
     return dict(
         batch_size=int(rng.integers(1, 40)),
         n_stages=int(rng.integers(1, 7)),
-        mixing_ratio={"none": 0.0, "some": float(rng.uniform(0.05, 0.45)), "half": 0.5}[case["mixing"]],
+        mixing_ratio={"none": 0.0, "some": float(rng.uniform(0.05, 0.45)), "half": 0.5, "pooled": float(rng.uniform())}[
+            case["mixing"]
+        ],
+        mixing="pooled" if case["mixing"] == "pooled" else "pairs",
         sort=case["sort"],
         cluster=case["cluster"],
         order=case["order"],
@@ -254,6 +258,8 @@ def test_input_errors(change, message):
     ("params", "message"),
     [
         (dict(mixing_ratio=0.6), "mixing_ratio must be in"),
+        (dict(mixing="pooled", mixing_ratio=1.5), r"mixing_ratio must be in \[0, 1.0\] with mixing='pooled'"),
+        (dict(mixing="swap"), "mixing must be one of"),
         (dict(batch_size=0), "batch_size must be an integer >= 1"),
         (dict(n_stages=2.0), "n_stages must be an integer"),
         (dict(order="vanilla"), "order must be"),
@@ -337,3 +343,32 @@ def test_random_order_has_no_trend_and_no_cluster_grouping():
     assert abs(np.mean([s["difficulty_monotonicity"] for s in summaries])) < 0.1
     expected = _random_distinct_clusters(data[2], 16)
     assert np.mean([s["mean_distinct_clusters"] for s in summaries]) == pytest.approx(expected, rel=0.03)
+
+
+def test_pooled_mixing_spans_cluster_pure_to_stage_random_batches():
+    data = _independent()
+    ids, _, clusters, _ = data
+    random_distinct = _random_distinct_clusters(clusters, 16)
+    pure = CurriculumPlanner(batch_size=16, mixing_ratio=0.0).plan(*data)
+    assert CurriculumPlanner(batch_size=16, mixing_ratio=0.0, mixing="pooled").plan(*data).batches == pure.batches
+    entropy = []
+    for ratio in (0.0, 0.25, 0.5, 0.75, 1.0):
+        runs = [
+            CurriculumPlanner(batch_size=16, mixing_ratio=ratio, mixing="pooled", random_state=s).plan(*data)
+            for s in range(10)
+        ]
+        for plan in runs:
+            assert sorted(plan.ids()) == sorted(ids) and {len(b) for b in plan.batches} == {16}
+            assert [s["stage"] for s in plan.stats] == [s["stage"] for s in pure.stats]  # batches stay in their stage
+        entropy.append(np.mean([p.summary()["mean_cluster_entropy"] for p in runs]))
+        if ratio == 0.25:  # a cluster batch keeps 12 of its own 16
+            kept = [max(s["cluster_hist"].values()) for p in runs for s in p.stats]
+            assert np.mean(np.array(kept) >= 12) > 0.8
+    assert np.all(np.diff(entropy) > 0), entropy
+    stage_random = [
+        CurriculumPlanner(batch_size=16, mixing_ratio=1.0, mixing="pooled", random_state=s).plan(*data).summary()
+        for s in range(10)
+    ]
+    distinct = np.mean([s["mean_distinct_clusters"] for s in stage_random])
+    assert distinct == pytest.approx(random_distinct, rel=0.08)
+    assert np.mean([s["difficulty_monotonicity"] for s in stage_random]) > 0.6  # the stages' order stays

@@ -18,6 +18,11 @@ ids: the trainer trains one plan batch per step with the plan built at its globa
    ``round(mixing_ratio * batch_size)`` samples: the tail of the first batch for the partners in the next
    batch nearest in (difficulty z-score, length z-score), chosen greedily. Each batch swaps at most once,
    so a mixed batch holds ``1 - mixing_ratio`` of its own cluster and ``mixing_ratio`` of one other.
+   A pair can swap at most half of each batch, and ratios r and 1 - r give mirrored batches, so this
+   ``mixing="pairs"`` mode only spans [0, 0.5]. ``mixing="pooled"`` spans [0, 1]: each cluster batch of a
+   stage gives ``round(mixing_ratio * batch_size)`` seeded-random samples to a stage pool, which is shuffled
+   and dealt back in their place; 1 makes every batch a random draw from the stage's cluster batches, the
+   far end of the diversity axis (stage order kept).
 
 The last stage's remainder is the plan's last batch, topped up to ``batch_size`` with repeats: the
 already-planned samples nearest in the ordering key (difficulty; the random key with ``sort=False``) to the
@@ -55,6 +60,8 @@ from saerl_jax.errors import UserError
 from saerl_jax.io import atomic_write
 
 PLAN_FORMAT = 1
+MIXING_MODES = {"pairs": 0.5, "pooled": 1.0}
+"""Mixing modes and the largest ratio each takes."""
 DECIMALS = 6
 
 
@@ -245,6 +252,21 @@ def _mix(batches, n_swap, x_Nx2):
     return [batch for _, batch in batches]
 
 
+def _pool_mix(batches, n_pool: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Each cluster batch gives ``n_pool`` random samples to a pool that is shuffled and dealt back in their
+    place; batches cut from the leftover pool (already mixed) are left as they are."""
+    batches = [(source, batch.copy()) for source, batch in batches]
+    givers = [batch for source, batch in batches if source is not None]
+    if len(givers) > 1:
+        slots = [rng.choice(len(batch), min(n_pool, len(batch)), replace=False) for batch in givers]
+        pool = rng.permutation(np.concatenate([batch[s] for batch, s in zip(givers, slots, strict=True)]))
+        start = 0
+        for batch, s in zip(givers, slots, strict=True):
+            batch[s] = pool[start : start + len(s)]
+            start += len(s)
+    return [batch for _, batch in batches]
+
+
 def _batch_stats(idx, stage, n_repeated, difficulty_N, clusters_N, lengths_N, features_NxC) -> dict:
     values, counts = np.unique(clusters_N[idx], return_counts=True)
     return _round(
@@ -267,8 +289,10 @@ class CurriculumPlanner(BaseEstimator):
     Args:
         batch_size: ids in every batch: the trainer's global batch (prompts per RL step over all hosts).
         n_stages: number of equal-count stages (by difficulty; by the random key with ``sort=False``).
-        mixing_ratio: fraction of each cluster batch swapped with its neighbour's cluster, in [0, 0.5];
-            0 is the no-mixing ablation (cluster batches hold one cluster each).
+        mixing_ratio: fraction of each cluster batch mixed, in [0, 0.5] for ``mixing="pairs"`` and [0, 1]
+            for ``"pooled"``; 0 is the no-mixing ablation (cluster batches hold one cluster each).
+        mixing: "pairs" (swap with the neighbouring cluster batch, matched in difficulty and length) or
+            "pooled" (a stage-wide pool dealt back at random; 1 = stage-random batches).
         sort: the easy-to-hard order. False (ablation) removes it entirely: a seeded random key replaces
             difficulty in the stages, in the order inside clusters and batches and in the clusters'
             order, so neither batches nor stages go easy to hard; clusters and mixing stay.
@@ -285,6 +309,7 @@ class CurriculumPlanner(BaseEstimator):
         batch_size: int = 128,
         n_stages: int = 4,
         mixing_ratio: float = 0.25,
+        mixing: str = "pairs",
         sort: bool = True,
         cluster: bool = True,
         order: str = "curriculum",
@@ -293,6 +318,7 @@ class CurriculumPlanner(BaseEstimator):
         self.batch_size = batch_size
         self.n_stages = n_stages
         self.mixing_ratio = mixing_ratio
+        self.mixing = mixing
         self.sort = sort
         self.cluster = cluster
         self.order = order
@@ -303,10 +329,15 @@ class CurriculumPlanner(BaseEstimator):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if self.mixing not in MIXING_MODES:
+            raise ValueError(f"mixing must be one of {tuple(MIXING_MODES)}, got {self.mixing!r}")
+        top = MIXING_MODES[self.mixing]
         if isinstance(self.mixing_ratio, bool) or not isinstance(self.mixing_ratio, numbers.Real):
-            raise ValueError(f"mixing_ratio must be a number in [0, 0.5], got {self.mixing_ratio!r}")
-        if not 0 <= self.mixing_ratio <= 0.5:
-            raise ValueError(f"mixing_ratio must be in [0, 0.5], got {self.mixing_ratio!r}")
+            raise ValueError(f"mixing_ratio must be a number in [0, {top}], got {self.mixing_ratio!r}")
+        if not 0 <= self.mixing_ratio <= top:
+            raise ValueError(
+                f"mixing_ratio must be in [0, {top}] with mixing={self.mixing!r}, got {self.mixing_ratio!r}"
+            )
         for name in ("sort", "cluster"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be a bool, got {getattr(self, name)!r}")
@@ -371,7 +402,12 @@ class CurriculumPlanner(BaseEstimator):
         for stage in np.unique(stage_N):
             idx = np.flatnonzero(stage_N == stage)
             batches, carry = _stage_batches(idx, carry, rank_N, key_N, clusters_N, self.batch_size, self.cluster)
-            batches = _mix(batches, n_swap, x_Nx2) if n_swap else [batch for _, batch in batches]
+            if not n_swap:
+                batches = [batch for _, batch in batches]
+            elif self.mixing == "pairs":
+                batches = _mix(batches, n_swap, x_Nx2)
+            else:
+                batches = _pool_mix(batches, n_swap, rng)
             staged += [(int(stage), batch[np.argsort(rank_N[batch])], 0) for batch in batches]
         if len(carry):
             planned = np.setdiff1d(np.arange(n), carry)

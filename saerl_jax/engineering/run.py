@@ -58,7 +58,10 @@ class EngineerJob:
     n_stages: int = 4
     """Curriculum stages."""
     mixing_ratio: float = 0.25
-    """Share of each batch swapped with a neighbouring cluster's batch."""
+    """Share of each cluster batch mixed: in [0, 0.5] with ``mixing="pairs"``, [0, 1] with ``"pooled"``."""
+    mixing: Literal["pairs", "pooled"] = "pairs"
+    """Swap with the neighbouring cluster's batch, or deal a stage-wide pool back at random (see
+    :class:`CurriculumPlanner`)."""
     sort: bool = True
     """The easy-to-hard order; False (ablation) removes it entirely, stages included (see
     :class:`CurriculumPlanner`)."""
@@ -161,7 +164,7 @@ def run_engineer(job: EngineerJob) -> dict:
     plan.save(job.out / "plan.json")
     report["plan"] = plan.summary()
     report["mixing_sweep"] = {}
-    for m in (0.0, 0.1, 0.25, 0.5):
+    for m in (0.0, 0.1, 0.25, 0.5) + ((0.75, 1.0) if job.mixing == "pooled" else ()):
         same = m == job.mixing_ratio  # the plan just built; its features only add diversity, not used here
         summary = report["plan"] if same else _planner(job, m).plan(ids, difficulty, clusters, lengths).summary()
         report["mixing_sweep"][str(m)] = {
@@ -234,6 +237,7 @@ def _planner(job: EngineerJob, mixing_ratio: float) -> CurriculumPlanner:
         batch_size=job.batch_size,
         n_stages=job.n_stages,
         mixing_ratio=mixing_ratio,
+        mixing=job.mixing,
         sort=job.sort,
         cluster=job.cluster,
         order=job.order,

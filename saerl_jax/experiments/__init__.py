@@ -2,7 +2,7 @@
 cross-model transfer and feature probes (``scripts/compare_samplers.py``, ``ablate.py``, ``transfer.py``,
 ``probes.py``) and the positive control (``positive_control.py``)."""
 
-from saerl_jax.experiments.ablate import SWEEP, AblateConfig, run_ablate
+from saerl_jax.experiments.ablate import POOLED_SWEEP, SWEEP, AblateConfig, run_ablate
 from saerl_jax.experiments.aggregate import (
     aggregate,
     aggregate_arm,
@@ -23,6 +23,7 @@ from saerl_jax.experiments.transfer import SmallModel, SmallSAE, TransferConfig,
 
 __all__ = [
     "ARMS",
+    "POOLED_SWEEP",
     "SWEEP",
     "AblateConfig",
     "Arm",

@@ -8,7 +8,7 @@ import dataclasses
 import functools
 from pathlib import Path
 
-from saerl_jax.engineering.planner import Plan
+from saerl_jax.engineering.planner import MIXING_MODES, Plan
 from saerl_jax.experiments.config import StudyConfig
 from saerl_jax.experiments.inputs import training_pool
 from saerl_jax.experiments.report import (
@@ -23,7 +23,9 @@ from saerl_jax.experiments.report import (
 from saerl_jax.experiments.runs import Arm, run_arms
 
 SWEEP = (0.0, 0.1, 0.25, 0.5)
-"""Default mixing ratios of the sweep."""
+"""Default mixing ratios of the sweep (``mixing="pairs"``, which tops out at 0.5)."""
+POOLED_SWEEP = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
+"""Default mixing ratios of the sweep with ``mixing="pooled"``: up to stage-random batches."""
 
 ABLATIONS = {
     "saerl": "the full plan: difficulty stages easy to hard, cluster-first batches, mixing",
@@ -46,26 +48,39 @@ class AblateConfig(StudyConfig):
     """Mixing ratio of the full SAERL plan (and of the sort and cluster ablations)."""
     sweep: tuple[float, ...] = SWEEP
     """Mixing ratios of the sweep (plans otherwise as the full SAERL plan)."""
+    mixing: str = "pairs"
+    """Mixing mode of every plan (see :class:`~saerl_jax.engineering.planner.CurriculumPlanner`): ``pairs``
+    takes ratios up to 0.5, ``pooled`` up to 1 (stage-random batches)."""
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not 0 < self.mixing_ratio <= 0.5 or not all(0 <= m <= 0.5 for m in self.sweep):
-            raise ValueError(f"mixing ratios must be in [0, 0.5] (the plan's in (0, 0.5]), got {self}")
+        if self.mixing not in MIXING_MODES:
+            raise ValueError(f"mixing must be one of {tuple(MIXING_MODES)}, got {self.mixing!r}")
+        top = MIXING_MODES[self.mixing]
+        if not 0 < self.mixing_ratio <= top or not all(0 <= m <= top for m in self.sweep):
+            raise ValueError(
+                f"with mixing={self.mixing!r} mixing ratios must be in [0, {top}] (the plan's in (0, {top}]), "
+                f"got {self.mixing_ratio} and sweep {self.sweep}"
+            )
 
 
-def variants(mixing_ratio: float, sweep: tuple[float, ...]) -> tuple[dict[str, dict], dict[float, str]]:
+def variants(
+    mixing_ratio: float, sweep: tuple[float, ...], mixing: str = "pairs"
+) -> tuple[dict[str, dict], dict[float, str]]:
     """``({arm: engineer options}, {sweep ratio: arm})``: the plan and its ablations (see :data:`ABLATIONS`:
     ``no_sort`` sets ``sort=False``, ``no_mixing`` ``mixing_ratio=0``, ``no_cluster`` ``cluster=False``), plus
-    one arm per sweep ratio that no ablation already is (``mixing_0.1``, ...: the full plan at that ratio)."""
+    one arm per sweep ratio that no ablation already is (``mixing_0.1``, ...: the full plan at that ratio).
+    Every arm gets ``mixing`` (left out when it is the default, so pairs plans keep their options)."""
+    mode = {} if mixing == "pairs" else {"mixing": mixing}
     arms = {
-        "saerl": {"mixing_ratio": mixing_ratio},
-        "no_sort": {"mixing_ratio": mixing_ratio, "sort": False},
-        "no_mixing": {"mixing_ratio": 0.0},
-        "no_cluster": {"mixing_ratio": mixing_ratio, "cluster": False},
+        "saerl": {**mode, "mixing_ratio": mixing_ratio},
+        "no_sort": {**mode, "mixing_ratio": mixing_ratio, "sort": False},
+        "no_mixing": {**mode, "mixing_ratio": 0.0},
+        "no_cluster": {**mode, "mixing_ratio": mixing_ratio, "cluster": False},
     }
     points = {}
     for ratio in sweep:
-        options = {"mixing_ratio": ratio}
+        options = {**mode, "mixing_ratio": ratio}
         same = [name for name, existing in arms.items() if existing == options]
         points[ratio] = same[0] if same else f"mixing_{ratio:g}"
         arms.setdefault(points[ratio], options)
@@ -151,7 +166,7 @@ def run_ablate(cfg: AblateConfig) -> dict:
     the results with the sweep's diversity-vs-accuracy points."""
     data = training_pool(cfg.sources, cfg.out)
     store = cfg.sae_store(data)
-    options, points = variants(cfg.mixing_ratio, cfg.sweep)
+    options, points = variants(cfg.mixing_ratio, cfg.sweep, cfg.mixing)
     arms, plans, batches, same_as = [], {}, {}, {}
     for name, opts in options.items():
         path, plans[name] = cfg.make_plan(store, data, name, **opts)
