@@ -11,7 +11,7 @@ ablation (0 = no mixing, the full plan's ratio = the full plan) reuse that arm's
 
 A GRPO seed varies the rollout sampling and the Avg@k sampling; the plans are fixed by --plan-seed.
 Rerunning the same command skips finished runs and resumes the others. Writes OUT/results.json,
-OUT/results.md, OUT/curves.png and OUT/sweep.png.
+OUT/results.md (with paired differences to the full plan), OUT/curves.png, OUT/sweep.png and OUT/paired.png.
 """
 
 from __future__ import annotations

@@ -9,19 +9,24 @@ import functools
 from pathlib import Path
 
 from saerl_jax.engineering.planner import MIXING_MODES, Plan
+from saerl_jax.experiments.aggregate import paired_summary
 from saerl_jax.experiments.config import StudyConfig
 from saerl_jax.experiments.inputs import training_pool
 from saerl_jax.experiments.report import (
     SEED_NOTE,
     arms_table,
     budget_line,
+    paired_table,
     plans_table,
     plot_curves,
+    plot_paired,
     spread_cell,
     write_results,
 )
 from saerl_jax.experiments.runs import Arm, run_arms
 
+REFERENCE = "saerl"
+"""The arm every other is paired against: the full plan."""
 SWEEP = (0.0, 0.1, 0.25, 0.5)
 """Default mixing ratios of the sweep (``mixing="pairs"``, which tops out at 0.5)."""
 POOLED_SWEEP = (0.0, 0.1, 0.25, 0.5, 0.75, 1.0)
@@ -144,6 +149,11 @@ def _markdown(summary: dict) -> str:
                 for a, b in summary["same_batches_as"].items()
             ),
             "",
+            f"## Paired differences to the full plan (`{REFERENCE}`)",
+            "",
+            paired_table(summary["paired"], REFERENCE, k),
+            "![paired](paired.png)",
+            "",
             "## Plans",
             "",
             plans_table(summary["plans"]),
@@ -182,6 +192,7 @@ def run_ablate(cfg: AblateConfig) -> dict:
     summary["plans"] = plans
     summary["variants"] = options
     summary["same_batches_as"] = same_as
+    summary["paired"] = paired_summary(summary["results"], REFERENCE, summary["target"])
     summary["sweep"] = [
         {
             "mixing_ratio": ratio,
@@ -195,5 +206,8 @@ def run_ablate(cfg: AblateConfig) -> dict:
     ]
     draw = functools.partial(plot_curves, summary=summary, title="held-out accuracy by plan variant (mean, min-max)")
     sweep = functools.partial(plot_sweep, summary=summary)
-    write_results(cfg.out, summary, _markdown(summary), {"curves.png": draw, "sweep.png": sweep})
+    paired = functools.partial(
+        plot_paired, paired=summary["paired"], reference=REFERENCE, title=f"paired difference to {REFERENCE}"
+    )
+    write_results(cfg.out, summary, _markdown(summary), {"curves.png": draw, "sweep.png": sweep, "paired.png": paired})
     return summary
