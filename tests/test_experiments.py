@@ -215,17 +215,21 @@ def test_compare_samplers_refuses_a_run_directory_of_other_settings(compare_run)
 def test_ablate_end_to_end(compare_run, tmp_path, capsys):
     out = tmp_path / "ablate"
     argv = ["--out", str(out), *TINY, "--seeds", "0", "--store", str(compare_run / "stores" / "sae")]
-    argv += ["--sweep", "0", "0.25", "0.5"]
+    argv += ["--mixing", "pooled", "--sweep", "0", "0.25", "1"]
     run_script("ablate", argv)
     summary = _results(out)
-    _check_arms(summary, ["saerl", "no_sort", "no_mixing", "no_cluster", "mixing_0.5"], [0])
-    assert [p["mixing_ratio"] for p in summary["sweep"]] == [0.0, 0.25, 0.5]
-    assert [p["arm"] for p in summary["sweep"]] == ["no_mixing", "saerl", "mixing_0.5"]
+    _check_arms(summary, ["saerl", "no_sort", "no_mixing", "no_cluster", "mixing_1"], [0])
+    assert [p["mixing_ratio"] for p in summary["sweep"]] == [0.0, 0.25, 1.0]
+    assert [p["arm"] for p in summary["sweep"]] == ["no_mixing", "saerl", "mixing_1"]
+    assert all(options["mixing"] == "pooled" for options in summary["variants"].values())
     for point in summary["sweep"]:
         assert point["cluster_entropy"] == summary["plans"][point["arm"]]["mean_cluster_entropy"]
         assert point["final_accuracy"] == summary["aggregate"][point["arm"]]["final_accuracy"]
-    assert summary["plans"]["no_mixing"]["mean_cluster_entropy"] < summary["plans"]["saerl"]["mean_cluster_entropy"]
-    for name in ("curves.png", "sweep.png"):
+    entropy = [summary["plans"][arm]["mean_cluster_entropy"] for arm in ("no_mixing", "saerl", "mixing_1")]
+    assert entropy == sorted(entropy) and entropy[0] < entropy[-1]
+    assert set(summary["paired"]) == {"no_sort", "no_mixing", "no_cluster", "mixing_1"}
+    assert "## Paired differences to the full plan" in (out / "results.md").read_text()
+    for name in ("curves.png", "sweep.png", "paired.png"):
         assert (out / name).read_bytes()[:8] == PNG
 
     capsys.readouterr()
