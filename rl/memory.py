@@ -32,10 +32,10 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from rl.config import GRPOConfig, config_from_dict
-from rl.rollout import logprobs_fn
+from rl.rollout import logprobs_fn, rollout_sampling
 from rl.sharding import batch_sharding, make_mesh, tree_shardings
 from rl.step import init_state, jit_train_step, make_optimizer
-from saerl_jax.model import Qwen2, Qwen2Config, SamplingConfig, generate_fn
+from saerl_jax.model import Qwen2, Qwen2Config, generate_fn
 
 GB = 10**9
 
@@ -166,13 +166,7 @@ def _batch(cfg: GRPOConfig, rows: int, sharding) -> dict[str, jax.ShapeDtypeStru
 def planned_config(cfg: GRPOConfig) -> GRPOConfig:
     """``cfg`` with its dtypes as an accelerator resolves them: compute (and so the cache and the frozen
     reference, unless set) bfloat16 when left to the default, whatever host the plan is compiled on."""
-    compute = cfg.compute_dtype or "bfloat16"
-    return dataclasses.replace(
-        cfg,
-        compute_dtype=compute,
-        reference_dtype=cfg.reference_dtype or compute,
-        cache_dtype=cfg.cache_dtype or compute,
-    )
+    return dataclasses.replace(cfg, compute_dtype=cfg.compute_dtype or "bfloat16").with_resolved_precision()
 
 
 def _compile(model_cfg: Qwen2Config, cfg: GRPOConfig, mesh, dtype) -> tuple[list[Phase], int, int]:
@@ -196,13 +190,7 @@ def _compile(model_cfg: Qwen2Config, cfg: GRPOConfig, mesh, dtype) -> tuple[list
 
     chunk = cfg.rollout_batch_size or cfg.rows
     whole = NamedSharding(mesh, P())
-    sampling = SamplingConfig(
-        max_new_tokens=cfg.max_completion_length,
-        temperature=cfg.temperature,
-        top_p=cfg.top_p,
-        cache_dtype=cfg.cache_dtype,
-        attention_chunk=cfg.attention_chunk,
-    )
+    sampling = rollout_sampling(cfg)
     prompts = jax.ShapeDtypeStruct((chunk, cfg.max_prompt_length), jnp.int32, sharding=whole)
     keys = jax.ShapeDtypeStruct((chunk,), jax.random.key(0).dtype, sharding=whole)
     eos = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=whole)

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from rl.config import GRPOConfig
 from saerl_jax.model import GenerateOutput, Qwen2, SamplingConfig, causal_mask, generate_fn, positions_from_mask
 from saerl_jax.model.sampling import left_align
 from saerl_jax.precision import cast_floating
@@ -70,6 +71,18 @@ def row_keys(seed: int, step: int, sample_ids: Sequence[str], num_generations: i
         per_sample = per_sample.at[repeats].set(again)
     per_row = jnp.repeat(per_sample, num_generations)
     return jax.vmap(jax.random.fold_in)(per_row, jnp.tile(jnp.arange(num_generations), len(sample_ids)))
+
+
+def rollout_sampling(cfg: GRPOConfig) -> SamplingConfig:
+    """How the rollouts of a run under ``cfg`` sample (the trainer's, and what ``saerl plan-memory``
+    compiles)."""
+    return SamplingConfig(
+        max_new_tokens=cfg.max_completion_length,
+        temperature=cfg.temperature,
+        top_p=cfg.top_p,
+        cache_dtype=cfg.cache_dtype,
+        attention_chunk=cfg.attention_chunk,
+    )
 
 
 def rollout(

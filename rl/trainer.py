@@ -42,14 +42,14 @@ from rl.collect import GradedBatch, PromptQueue, collect, loss_mask, shaped_rewa
 from rl.config import GRPOConfig, config_from_dict
 from rl.metrics import MetricsLog
 from rl.rewards import RewardGrader, format_reward
-from rl.rollout import logprobs_fn, rollout, row_keys
+from rl.rollout import logprobs_fn, rollout, rollout_sampling, row_keys
 from rl.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
 from rl.step import TrainState, init_state, jit_train_step, make_optimizer
 from saerl_jax.data.problems import Problem, column_mapping, load_problems
 from saerl_jax.data.prompt import load_tokenizer, stop_ids
 from saerl_jax.engineering.planner import Plan
 from saerl_jax.errors import UserError
-from saerl_jax.model import SamplingConfig, load_pretrained, save_pretrained
+from saerl_jax.model import load_pretrained, save_pretrained
 from saerl_jax.pipeline import CurriculumSampler, ExternalDifficultySampler, ShuffleSampler, make_loader
 from saerl_jax.precision import Precision, cast_floating
 from saerl_jax.sft import greedy_accuracy
@@ -244,13 +244,7 @@ class Trainer:
         self.segment, self.plan = 0, job.plan
         """Plans trained so far (0 until the first re-plan) and the current one."""
         self._start_data(_sampler(job, self.problems, cfg))
-        self.sampling = SamplingConfig(
-            max_new_tokens=cfg.max_completion_length,
-            temperature=cfg.temperature,
-            top_p=cfg.top_p,
-            cache_dtype=cfg.cache_dtype,
-            attention_chunk=cfg.attention_chunk,
-        )
+        self.sampling = rollout_sampling(cfg)
         options = ocp.CheckpointManagerOptions(max_to_keep=2, create=True)
         self.manager = ocp.CheckpointManager(
             (job.out / "checkpoints").absolute(), item_names=("state", "data", "meta"), options=options

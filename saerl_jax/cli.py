@@ -18,6 +18,7 @@ from rl.evaluate import EvalJob, run_eval
 from rl.trainer import TrainJob, run_train
 from sae.job import TrainSAEJob, run_train_sae
 from saerl_jax.demo import DemoConfig, run_demo
+from saerl_jax.engineering.planner import MIXING_MODES
 from saerl_jax.engineering.report import render_report
 from saerl_jax.engineering.run import EngineerJob, run_engineer
 from saerl_jax.errors import UserError
@@ -155,7 +156,7 @@ def _engineer_parser(sub) -> None:
     )
     p.add_argument(
         "--mixing",
-        choices=["pairs", "pooled"],
+        choices=list(MIXING_MODES),
         default=d.mixing,
         help="pairs: swap with the neighbouring cluster batch (ratio <= 0.5); pooled: a stage-wide pool dealt "
         "back at random (ratio <= 1; 1 = stage-random batches) (%(default)s)",

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from saerl_jax.engineering.planner import MIXING_MODES
 from saerl_jax.experiments import POOLED_SWEEP, SWEEP, AblateConfig, run_ablate
 from saerl_jax.experiments.cli import add_study_args, study_options
 
@@ -30,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     group.add_argument("--mixing-ratio", type=float, default=0.25, help="the full plan's mixing ratio (default: 0.25)")
     group.add_argument(
         "--mixing",
-        choices=["pairs", "pooled"],
+        choices=list(MIXING_MODES),
         default="pairs",
         help="pairs: swap with the neighbouring cluster batch (ratios <= 0.5); pooled: a stage-wide pool dealt "
         "back at random (ratios <= 1, 1 = stage-random batches) (default: pairs)",
