@@ -1,4 +1,5 @@
-"""Vanilla GRPO vs external-difficulty curriculum vs SAERL plan vs dense-hidden-state plan, over seeds.
+"""Vanilla GRPO (whole pool, and the filtered pool) vs external-difficulty curriculum vs SAERL plan vs
+dense-hidden-state plan, over seeds.
 
     python scripts/compare_samplers.py [--seeds 0 1 2] [--steps 200] [--out runs/compare_samplers]
 
@@ -10,7 +11,8 @@ Avg@k and Pass@k, and the steps to reach the target accuracy.
 
 A GRPO seed varies the rollout sampling, the vanilla arm's shuffle order and the Avg@k sampling; the
 plans are fixed by --plan-seed. Rerunning the same command skips finished runs and resumes the others.
-Writes OUT/results.json, OUT/results.md and OUT/curves.png.
+Writes OUT/results.json, OUT/results.md (with paired differences to vanilla), OUT/curves.png and
+OUT/paired.png.
 """
 
 from __future__ import annotations

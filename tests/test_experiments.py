@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from scipy import stats as sp_stats
 
-from saerl_jax.engineering.planner import CurriculumPlanner
+from saerl_jax.engineering.planner import CurriculumPlanner, Plan
 from saerl_jax.experiments import aggregate, aggregate_arm, mean_curve, spread, steps_to_target
 from saerl_jax.experiments.ablate import ABLATIONS, AblateConfig, variants
 from saerl_jax.experiments.transfer import TransferConfig, tokenizer_of
@@ -183,21 +183,27 @@ def compare_run(tmp_path_factory):
 @pytest.mark.slow
 def test_compare_samplers_end_to_end(compare_run, capsys):
     summary = _results(compare_run)
-    _check_arms(summary, ["vanilla", "difficulty", "saerl", "dense"], [0, 1])
-    assert set(summary["plans"]) == {"saerl", "dense"}
+    _check_arms(summary, ["vanilla", "vanilla_filtered", "difficulty", "saerl", "dense"], [0, 1])
+    assert set(summary["plans"]) == {"vanilla_filtered", "saerl", "dense"}
     assert summary["plans"]["saerl"]["n_samples"] <= 200
+    kept, shuffled = (
+        Plan.load(compare_run / "plans" / arm / "plan.json").ids() for arm in ("saerl", "vanilla_filtered")
+    )
+    assert sorted(kept) == sorted(shuffled) and kept != shuffled  # the filtered pool: the plan's rows, reordered
+    assert set(summary["paired"]) == {"vanilla_filtered", "difficulty", "saerl", "dense"}
     for path in ("stores/sae/manifest.json", "stores/dense/manifest.json", "plans/saerl/plan.json", "pool-200.jsonl"):
         assert (compare_run / path).is_file()
     assert (compare_run / "curves.png").read_bytes()[:8] == PNG
     report = (compare_run / "results.md").read_text()
     assert "| saerl | 2 |" in report and "![curves](curves.png)" in report
+    assert "## Paired differences to vanilla" in report and (compare_run / "paired.png").read_bytes()[:8] == PNG
 
     finished = _result_times(compare_run)
-    assert len(finished) == 8
+    assert len(finished) == 10
     capsys.readouterr()
     run_script("compare_samplers", ["--out", str(compare_run), *TINY, "--seeds", "0", "1"])
     printed = capsys.readouterr().out
-    assert printed.count("finished before, read back") == 8 and "training in" not in printed
+    assert printed.count("finished before, read back") == 10 and "training in" not in printed
     assert "built before with these options, reused" in printed
     assert f"wrote {compare_run / 'results.json'}" in printed
     assert _result_times(compare_run) == finished
@@ -291,7 +297,9 @@ def test_transfer_up_from_a_small_model_of_another_family(tmp_path, capsys):
     ]
     run_script("transfer", argv)
     summary = _results(out)
-    _check_arms(summary, ["vanilla", "saerl_plan_from_a"], [0])
+    _check_arms(summary, ["vanilla", "saerl_plan_from_a", "saerl_own_plan"], [0])
+    assert set(summary["plans"]) == {"saerl_plan_from_a", "saerl_own_plan"}
+    assert all((out / "stores" / store / "manifest.json").is_file() for store in ("sae-a", "sae"))
     a, b = summary["model_a"], summary["model_b"]
     assert a["path"] == str(out / "model-a") and a["hidden_size"] == 32 and a["vocab_size"] == 300
     assert b["hidden_size"] == 128 and b["vocab_size"] == 512 and a["vocab_sha256"] != b["vocab_sha256"]
@@ -304,7 +312,7 @@ def test_transfer_up_from_a_small_model_of_another_family(tmp_path, capsys):
     run_script("transfer", argv)
     printed = capsys.readouterr().out
     assert "small model: trained before" in printed and "small model's SAE: trained before" in printed
-    assert printed.count("finished before, read back") == 2 and "training in" not in printed
+    assert printed.count("finished before, read back") == 3 and "training in" not in printed
 
 
 def test_transfer_config_refuses_a_bad_direction_and_a_given_store_when_going_up(tmp_path):

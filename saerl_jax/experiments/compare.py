@@ -8,13 +8,27 @@ import functools
 from pathlib import Path
 
 from saerl_jax.engineering.planner import Plan
+from saerl_jax.experiments.aggregate import paired_summary
 from saerl_jax.experiments.config import StudyConfig
 from saerl_jax.experiments.inputs import build_store, training_pool
-from saerl_jax.experiments.report import SEED_NOTE, arms_table, budget_line, plans_table, plot_curves, write_results
+from saerl_jax.experiments.report import (
+    SEED_NOTE,
+    arms_table,
+    budget_line,
+    paired_table,
+    plans_table,
+    plot_curves,
+    plot_paired,
+    write_results,
+)
 from saerl_jax.experiments.runs import Arm, run_arms
 
-ARMS = ("vanilla", "difficulty", "saerl", "dense")
-"""shuffle; the dataset's difficulty labels easy to hard; ``run_engineer`` on the SAE store; on the dense store."""
+ARMS = ("vanilla", "vanilla_filtered", "difficulty", "saerl", "dense")
+"""shuffle over the whole pool; shuffle over the rows the SAERL quality filter kept (the engineer's
+``order="random"``: filtering without ordering); the dataset's difficulty labels easy to hard; ``run_engineer``
+on the SAE store; on the dense store."""
+REFERENCE = "vanilla"
+"""The arm every other is paired against."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -38,17 +52,18 @@ class CompareConfig(StudyConfig):
             raise ValueError(f"arms must be distinct names from {ARMS}, got {self.arms}")
 
 
-def _plan(cfg: CompareConfig, data: Path, dense: bool) -> tuple[Path, dict]:
-    given = cfg.dense_plan if dense else cfg.plan
+def _plan(cfg: CompareConfig, data: Path, name: str) -> tuple[Path, dict]:
+    """The plan of arm ``name`` (``saerl``, ``vanilla_filtered`` or ``dense``): given, or built once."""
+    given = {"saerl": cfg.plan, "dense": cfg.dense_plan}.get(name)
     if given is not None:
         return given, Plan.load(given / "plan.json" if given.is_dir() else given).summary()
-    if dense:
+    if name == "dense":
         store = cfg.dense_store or build_store(
             cfg.sources, data, cfg.out / "stores" / "dense", dense=True, seed=cfg.plan_seed
         )
-    else:
-        store = cfg.sae_store(data)
-    return cfg.make_plan(store, data, "dense" if dense else "saerl")
+        return cfg.make_plan(store, data, name)
+    options = {"order": "random"} if name == "vanilla_filtered" else {}
+    return cfg.make_plan(cfg.sae_store(data), data, name, **options)
 
 
 def _markdown(summary: dict) -> str:
@@ -59,13 +74,22 @@ def _markdown(summary: dict) -> str:
         "",
         SEED_NOTE,
         "The vanilla and difficulty arms draw from the whole training pool (noisy problems included); the plan "
-        "arms draw only what the engineer's quality filter kept, as in the paper.",
+        "arms draw only what the engineer's quality filter kept, as in the paper; `vanilla_filtered` shuffles "
+        "those kept rows (filtering without ordering).",
         "",
         arms_table(summary),
         "Steps to target: the mean over the seeds that reached it, then how many did and each seed's step "
         "(— = not within the budget).",
         "",
     ]
+    if summary.get("paired"):
+        lines += [
+            f"## Paired differences to {REFERENCE}",
+            "",
+            paired_table(summary["paired"], REFERENCE, summary["budget"]["k"]),
+            "![paired](paired.png)",
+            "",
+        ]
     if summary["plans"]:
         lines += ["## Plans", "", plans_table(summary["plans"])]
     lines += ["![curves](curves.png)", ""]
@@ -77,13 +101,22 @@ def run_compare(cfg: CompareConfig) -> dict:
     data = training_pool(cfg.sources, cfg.out)
     arms, plans = [], {}
     for name in cfg.arms:
-        if name in ("saerl", "dense"):
-            path, plans[name] = _plan(cfg, data, dense=name == "dense")
+        if name in ("saerl", "vanilla_filtered", "dense"):
+            path, plans[name] = _plan(cfg, data, name)
             arms.append(Arm(name=name, sampler="plan", plan=path))
         else:
             arms.append(Arm(name=name, sampler="shuffle" if name == "vanilla" else "difficulty"))
     summary = run_arms(cfg.experiment(cfg.sources.model_dir, data), arms, target=cfg.target)
     summary["plans"] = plans
-    draw = functools.partial(plot_curves, summary=summary, title="held-out accuracy by sampler (mean, min-max)")
-    write_results(cfg.out, summary, _markdown(summary), {"curves.png": draw})
+    plots = {
+        "curves.png": functools.partial(
+            plot_curves, summary=summary, title="held-out accuracy by sampler (mean, min-max)"
+        )
+    }
+    if REFERENCE in cfg.arms and len(cfg.arms) > 1:
+        summary["paired"] = paired_summary(summary["results"], REFERENCE, summary["target"])
+        plots["paired.png"] = functools.partial(
+            plot_paired, paired=summary["paired"], reference=REFERENCE, title=f"paired difference to {REFERENCE}"
+        )
+    write_results(cfg.out, summary, _markdown(summary), plots)
     return summary

@@ -250,7 +250,12 @@ def _markdown(summary: dict) -> str:
             f"# Cross-model transfer of the SAERL plan ({summary['direction']})",
             "",
             f"Model A {what(a)} gave the SAE features of the plan; model B {what(b)} is trained with it and "
-            f"without it (vanilla shuffle). A and B have {family}.",
+            f"without it (vanilla shuffle). A and B have {family}."
+            + (
+                " `saerl_own_plan` is B's plan from its own SAE, for comparison."
+                if "saerl_own_plan" in summary["plans"]
+                else ""
+            ),
             "",
             budget_line(summary),
             "",
@@ -260,7 +265,7 @@ def _markdown(summary: dict) -> str:
             f"## Paired differences to {REFERENCE}",
             "",
             paired_table(summary["paired"], REFERENCE, summary["budget"]["k"]),
-            "## Plan (from model A)",
+            "## Plans",
             "",
             plans_table(summary["plans"]),
             "![curves](curves.png)",
@@ -287,11 +292,15 @@ def run_transfer(cfg: TransferConfig) -> dict:
     tokenizer_b = tokenizer_of(model_b, cfg.sources.tokenizer_dir)
     plan, plan_summary = cfg.make_plan(store, data, "saerl-from-a")
     arms = [Arm(name=REFERENCE, sampler="shuffle"), Arm(name="saerl_plan_from_a", sampler="plan", plan=plan)]
+    plans = {"saerl_plan_from_a": plan_summary}
+    if cfg.direction == "up" and cfg.model_b is None:  # B is the given model, whose own SAE is at hand
+        own, plans["saerl_own_plan"] = cfg.make_plan(cfg.sae_store(data), data, "saerl-own")
+        arms.append(Arm(name="saerl_own_plan", sampler="plan", plan=own))
     exp = dataclasses.replace(cfg.experiment(model_b, data), tokenizer=tokenizer_b)
     summary = run_arms(exp, arms, target=cfg.target)
     summary["direction"] = cfg.direction
     summary["paired"] = paired_summary(summary["results"], REFERENCE, summary["target"])
-    summary["plans"] = {"saerl_plan_from_a": plan_summary}
+    summary["plans"] = plans
     summary["model_a"] = describe_model(model_a, tokenizer_a)
     summary["model_b"] = describe_model(model_b, tokenizer_b)
     draw = functools.partial(plot_curves, summary=summary, title="model B: held-out accuracy (mean, min-max)")
