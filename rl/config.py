@@ -20,6 +20,7 @@ LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceLevel = Literal["token", "sequence"]
 ScaleRewards = Literal["group", "batch", "none"]
 FilterMetric = Literal["accuracy", "reward"]
+RolloutEngine = Literal["static", "continuous"]
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -43,9 +44,14 @@ class GRPOConfig:
     top_p: float = 1.0
     """Nucleus sampling threshold."""
     rollout_batch_size: int = 0
-    """Completions per ``generate`` call: a host's rollout rows are sampled in chunks of this many (the KV
-    cache and activations of one chunk are live at a time); 0 samples them all in one call. Never changes
-    what is sampled (every completion has its own key)."""
+    """Completions decoded at once: with the static engine a host's rollout rows are sampled in chunks of
+    this many, with the continuous engine this is its number of cache slots (the KV cache and activations
+    of that many rows are live at a time); 0 decodes all rows together. Never changes what is sampled
+    (every completion has its own key)."""
+    rollout_engine: RolloutEngine = "static"
+    """``static``: each chunk decodes until its longest row ends; ``continuous``: a slot whose completion
+    ended is refilled from the queue, and the G rows of a prompt share one prefill
+    (:mod:`saerl_jax.model.engine`). The same tokens either way."""
     # Objective.
     loss_type: LossType = "grpo"
     """Aggregation: grpo (per-sequence mean), bnpo / dapo (token-level), dr_grpo (fixed denominator)."""
@@ -143,6 +149,7 @@ class GRPOConfig:
             "importance_sampling_level": ("token", "sequence"),
             "scale_rewards": ("group", "batch", "none"),
             "filter_groups_metric": ("accuracy", "reward"),
+            "rollout_engine": ("static", "continuous"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -20,8 +20,9 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from rl.benchmarks import EvalProblem, parse_benches
+from rl.config import RolloutEngine
 from rl.rewards import RewardGrader, math_reward
-from rl.rollout import generate_chunks, row_keys
+from rl.rollout import row_keys, sample_rows
 from saerl_jax.data.prompt import format_example, load_tokenizer, stop_ids
 from saerl_jax.io import atomic_write
 from saerl_jax.model import Qwen2, SamplingConfig, bucket_length, left_pad, load_pretrained
@@ -72,14 +73,16 @@ class Samples:
     """``[P * n]`` bool: the completion hit ``max_new_tokens`` without an EOS."""
 
 
-def _sample(model, tokenizer, problems, *, n, seed, batch_size, desc, progress, **sampling) -> Samples:
-    """n completions per problem, ``batch_size`` completions per sampler call (:func:`generate_chunks`, as
-    the trainer's rollouts); every prompt is left-padded to the bucket of the benchmark's longest."""
+def _sample(model, tokenizer, problems, *, n, seed, batch_size, engine, desc, progress, **sampling) -> Samples:
+    """n completions per problem, ``batch_size`` completions decoded at once by ``engine``
+    (:func:`~rl.rollout.sample_rows`, as the trainer's rollouts); every prompt is left-padded to the bucket of
+    the benchmark's longest."""
     eos_ids, pad_id = stop_ids(tokenizer)
     prompts = [format_example(tokenizer, p.question).input_ids for p in problems]
     ids, mask = left_pad(prompts, bucket_length(max(len(p) for p in prompts)))
     graphdef, params = nnx.split(model)
-    chunks = generate_chunks(
+    bar = tqdm(total=len(problems) * n, desc=desc, unit="completion", disable=not progress)
+    out = sample_rows(
         graphdef,
         params,
         np.repeat(ids, n, axis=0),
@@ -89,17 +92,16 @@ def _sample(model, tokenizer, problems, *, n, seed, batch_size, desc, progress, 
         eos_ids=eos_ids,
         pad_id=pad_id,
         rows_per_call=batch_size,
+        engine=engine,
+        on_done=bar.update,
     )
-    texts, lengths, truncated = [], [], []
-    bar = tqdm(total=len(problems) * n, desc=desc, unit="completion", disable=not progress)
-    for out in chunks:
-        for tokens, valid in zip(out.tokens_BN, out.mask_BN.astype(bool), strict=True):
-            ended = np.isin(tokens, eos_ids) & valid
-            texts.append(tokenizer.decode(tokens[valid & ~ended].tolist(), skip_special_tokens=True))
-            lengths.append(int(valid.sum()))
-            truncated.append(not ended.any())
-        bar.update(len(out.tokens_BN))
     bar.close()
+    texts, lengths, truncated = [], [], []
+    for tokens, valid in zip(out.tokens_BN, out.mask_BN.astype(bool), strict=True):
+        ended = np.isin(tokens, eos_ids) & valid
+        texts.append(tokenizer.decode(tokens[valid & ~ended].tolist(), skip_special_tokens=True))
+        lengths.append(int(valid.sum()))
+        truncated.append(not ended.any())
     return Samples(texts, np.asarray(lengths), np.asarray(truncated))
 
 
@@ -114,6 +116,7 @@ def sample_and_grade(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
+    engine: RolloutEngine = "static",
     grader: Grader | None = None,
     desc: str = "sample",
     progress: bool = True,
@@ -134,6 +137,7 @@ def sample_and_grade(
         n=n,
         seed=seed,
         batch_size=batch_size,
+        engine=engine,
         desc=desc,
         progress=progress,
         temperature=temperature,
@@ -244,6 +248,7 @@ def evaluate(
     seed: int = 0,
     greedy: bool = False,
     batch_size: int = 64,
+    engine: RolloutEngine = "static",
     grader: Grader | None = None,
     progress: bool = True,
     out: str | os.PathLike | None = None,
@@ -259,7 +264,8 @@ def evaluate(
       temperature, top_p, max_new_tokens: the sampler's settings.
       seed: completion j of problem ``id`` uses ``row_keys(seed, 0, [id], n)[j]``.
       greedy: one sample per problem at temperature 0 (k = n = 1).
-      batch_size: completions per sampler call (a fixed shape, so compiles stay few).
+      batch_size: completions decoded at once (static chunks, or the continuous engine's slots).
+      engine: ``static`` or ``continuous`` (:attr:`rl.config.GRPOConfig.rollout_engine`); the same tokens.
       grader: ``(completions, answers) -> rewards``, e.g. a :class:`RewardGrader`; by default
         :func:`math_reward` in this process.
       progress: show a progress bar per benchmark.
@@ -299,6 +305,7 @@ def evaluate(
             n=n,
             seed=seed,
             batch_size=batch_size,
+            engine=engine,
             grader=grader,
             desc=name,
             progress=progress,
@@ -346,7 +353,9 @@ class EvalJob:
     seed: int = 0
     """Sampling seed."""
     batch_size: int = 64
-    """Completions per sampler call."""
+    """Completions decoded at once (static chunks, or the continuous engine's slots)."""
+    engine: RolloutEngine = "static"
+    """Sampler: ``static`` chunks or ``continuous`` batching (the same tokens)."""
     reward_workers: int = 2
     """Grading processes; 0 grades in this process."""
     progress: bool = True
@@ -357,6 +366,8 @@ class EvalJob:
         parse_benches(self.bench, self.columns)
         if self.batch_size < 1 or self.max_new_tokens < 1 or (self.limit is not None and self.limit < 1):
             raise ValueError("batch_size, max_new_tokens and limit must be at least 1")
+        if self.engine not in ("static", "continuous"):
+            raise ValueError(f"engine must be 'static' or 'continuous', got {self.engine!r}")
 
 
 def run_eval(job: EvalJob) -> dict:
@@ -378,6 +389,7 @@ def run_eval(job: EvalJob) -> dict:
             seed=job.seed,
             greedy=job.greedy,
             batch_size=job.batch_size,
+            engine=job.engine,
             grader=grader,
             progress=job.progress,
             out=job.out,

@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import functools
 import hashlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh
 
-from rl.config import GRPOConfig
+from rl.config import GRPOConfig, RolloutEngine
 from saerl_jax.model import GenerateOutput, Qwen2, SamplingConfig, causal_mask, generate_fn, positions_from_mask
+from saerl_jax.model.engine import EngineConfig, generate_continuous
 from saerl_jax.model.sampling import left_align
 from saerl_jax.precision import cast_floating
 
@@ -97,6 +99,8 @@ def rollout(
     eos_ids: Sequence[int],
     pad_id: int,
     rows_per_call: int = 0,
+    engine: RolloutEngine = "static",
+    mesh: Mesh | None = None,
 ) -> Rollout:
     """Samples ``num_generations`` completions for each prompt of a host batch.
 
@@ -107,7 +111,9 @@ def rollout(
       num_generations: G.
       sampling: temperature, top-p and the completion budget N.
       eos_ids: tokens that end a completion; pad_id is written after them.
-      rows_per_call: completions per ``generate`` call (see :func:`generate_chunks`); 0 means all.
+      rows_per_call: completions decoded at once (see :func:`sample_rows`); 0 means all.
+      engine: ``static`` or ``continuous`` (see :attr:`rl.config.GRPOConfig.rollout_engine`).
+      mesh: the continuous engine splits its slots over this mesh (one process; see :func:`sample_rows`).
 
     Returns:
       :class:`Rollout` with ``b * G`` rows.
@@ -115,22 +121,81 @@ def rollout(
     ids_BP, mask_BP = left_align(np.asarray(input_ids_BP), np.asarray(attention_mask_BP), input_ids_BP.shape[1])
     ids_BP = np.repeat(ids_BP, num_generations, axis=0)
     mask_BP = np.repeat(mask_BP, num_generations, axis=0)
-    chunks = list(
-        generate_chunks(
+    out = sample_rows(
+        graphdef,
+        params,
+        ids_BP,
+        mask_BP,
+        keys,
+        sampling=sampling,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        rows_per_call=rows_per_call,
+        engine=engine,
+        mesh=mesh,
+    )
+    ended_B = (np.isin(out.tokens_BN, np.asarray(eos_ids)) & (out.mask_BN == 1)).any(axis=1)
+    return Rollout(ids_BP, mask_BP, out.tokens_BN, out.mask_BN, out.logprobs_BN, ~ended_B)
+
+
+def sample_rows(
+    graphdef: nnx.GraphDef,
+    params: nnx.State,
+    ids_BP: np.ndarray,
+    mask_BP: np.ndarray,
+    keys_B: jax.Array,
+    *,
+    sampling: SamplingConfig,
+    eos_ids: Sequence[int],
+    pad_id: int,
+    rows_per_call: int = 0,
+    engine: RolloutEngine = "static",
+    on_done: Callable[[int], None] | None = None,
+    mesh: Mesh | None = None,
+) -> GenerateOutput:
+    """One completion per row of left-aligned prompts, by either engine (the same tokens).
+
+    ``static``: :func:`generate_chunks` of ``rows_per_call`` rows; ``continuous``:
+    :func:`~saerl_jax.model.engine.generate_continuous` with ``rows_per_call`` slots (0: all rows either
+    way). ``on_done`` is called with the number of rows finished as they finish. With a ``mesh`` the
+    continuous engine splits its slots (and their KV cache) over the mesh's batch axes and decodes with the
+    parameters as they are placed; the static sampler ignores it.
+
+    Returns:
+      ``[B, N]`` host arrays.
+    """
+    if engine == "continuous":
+        slots = EngineConfig(slots=rows_per_call or len(ids_BP))
+        out, _ = generate_continuous(
             graphdef,
             params,
             ids_BP,
             mask_BP,
-            keys,
+            keys_B,
             sampling=sampling,
             eos_ids=eos_ids,
             pad_id=pad_id,
-            rows_per_call=rows_per_call,
+            engine=slots,
+            on_done=on_done,
+            mesh=mesh,
         )
-    )
-    tokens_BN, logp_BN, cmask_BN = (np.concatenate(parts) for parts in zip(*chunks, strict=True))
-    ended_B = (np.isin(tokens_BN, np.asarray(eos_ids)) & (cmask_BN == 1)).any(axis=1)
-    return Rollout(ids_BP, mask_BP, tokens_BN, cmask_BN, logp_BN, ~ended_B)
+        return out
+    parts = []
+    for part in generate_chunks(
+        graphdef,
+        params,
+        ids_BP,
+        mask_BP,
+        keys_B,
+        sampling=sampling,
+        eos_ids=eos_ids,
+        pad_id=pad_id,
+        rows_per_call=rows_per_call,
+    ):
+        parts.append(part)
+        if on_done is not None:
+            on_done(len(part.tokens_BN))
+    return GenerateOutput(*(np.concatenate(fields) for fields in zip(*parts, strict=True)))
 
 
 def generate_chunks(

@@ -54,7 +54,7 @@ from saerl_jax.pipeline import CurriculumSampler, ExternalDifficultySampler, Shu
 from saerl_jax.precision import Precision, cast_floating
 from saerl_jax.sft import greedy_accuracy
 
-RESUMABLE_FIELDS = ("max_steps", "eval_steps", "eval_limit", "save_steps", "rollout_batch_size")
+RESUMABLE_FIELDS = ("max_steps", "eval_steps", "eval_limit", "save_steps", "rollout_batch_size", "rollout_engine")
 """Config fields a resumed run may change; any other difference is refused."""
 PRECISION_FIELDS = ("param_dtype", "compute_dtype", "reference_dtype", "cache_dtype")
 """Config fields a checkpoint records resolved (None made concrete) and a resumed run must match."""
@@ -377,6 +377,8 @@ class Trainer:
             eos_ids=self.eos_ids,
             pad_id=self.pad_id,
             rows_per_call=self.cfg.rollout_batch_size,
+            engine=self.cfg.rollout_engine,
+            mesh=self.mesh if jax.process_count() == 1 else None,  # several hosts decode their own rows
         )
 
     def _decode(self, tokens_BN: np.ndarray) -> list[str]:
@@ -509,6 +511,7 @@ class Trainer:
             self.eval_rows,
             max_new_tokens=self.cfg.max_completion_length,
             batch_size=min(128, len(self.eval_rows)),
+            engine=self.cfg.rollout_engine,
         )
         return (accuracy, [float(v) for v in scores]) if per_problem else accuracy
 

@@ -291,7 +291,13 @@ example:
     p.add_argument("--greedy", action="store_true", help="one greedy completion per problem (k = n = 1)")
     p.add_argument("--limit", type=int, help="first problems of each benchmark (default: all)")
     p.add_argument("--seed", type=int, default=d.seed, help="sampling seed (%(default)s)")
-    p.add_argument("--batch-size", type=int, default=d.batch_size, help="completions per sampler call (%(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="completions decoded at once (%(default)s)")
+    p.add_argument(
+        "--engine",
+        choices=["static", "continuous"],
+        default=d.engine,
+        help="static chunks, or continuous batching over --batch-size slots; the same tokens (%(default)s)",
+    )
     p.add_argument("--reward-workers", type=int, default=d.reward_workers, help="grading processes (%(default)s)")
 
     def run(args: argparse.Namespace) -> None:

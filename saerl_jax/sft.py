@@ -19,7 +19,8 @@ from tqdm.auto import tqdm
 from rl.rewards import math_reward
 from saerl_jax.data import tinymath
 from saerl_jax.data.prompt import format_example
-from saerl_jax.model import Qwen2, Qwen2Config, generate, left_pad
+from saerl_jax.model import Qwen2, Qwen2Config, SamplingConfig, bucket_length, generate, left_pad
+from saerl_jax.model.engine import EngineConfig, generate_continuous
 from saerl_jax.precision import DType, Precision, cast_floating, check_dtype, resolve_compute_dtype
 
 
@@ -183,18 +184,34 @@ def greedy_completions(
     *,
     max_new_tokens: int = 96,
     batch_size: int = 128,
+    engine: str = "static",
     progress: bool = False,
 ) -> list[str]:
-    """Greedy completions of the chat prompts of ``questions``, decoded up to ``<|im_end|>``."""
+    """Greedy completions of the chat prompts of ``questions``, decoded up to ``<|im_end|>``.
+
+    ``engine="static"`` decodes ``batch_size`` prompts at a time, each batch until its longest completion
+    ends; ``"continuous"`` keeps ``batch_size`` cache slots busy (:mod:`saerl_jax.model.engine`). The same
+    completions either way."""
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.pad_token_id or 0
-    outputs = []
-    starts = range(0, len(questions), batch_size)
-    for start in tqdm(starts, desc="generate", unit="batch", disable=not progress):
-        prompts = [format_example(tokenizer, q).input_ids for q in questions[start : start + batch_size]]
+    prompts = [format_example(tokenizer, q).input_ids for q in questions]
+    if engine == "continuous":
+        tokens_BN, valid_BN = _greedy_continuous(model, prompts, max_new_tokens, batch_size, end_id, pad_id, progress)
+    else:
+        tokens_BN, valid_BN = _greedy_static(model, prompts, max_new_tokens, batch_size, end_id, pad_id, progress)
+    return [
+        tokenizer.decode(tokens[valid.astype(bool) & (tokens != end_id)].tolist(), skip_special_tokens=True)
+        for tokens, valid in zip(tokens_BN, valid_BN, strict=True)
+    ]
+
+
+def _greedy_static(model, prompts, max_new_tokens, batch_size, end_id, pad_id, progress):
+    tokens, valid = [], []
+    for start in tqdm(range(0, len(prompts), batch_size), desc="generate", unit="batch", disable=not progress):
+        batch = prompts[start : start + batch_size]
         # a fixed batch size: one compile
-        ids, mask = left_pad(prompts, max(len(p) for p in prompts), pad_id, rows=batch_size)
-        mask[len(prompts) :, -1] = 1  # filler rows
+        ids, mask = left_pad(batch, max(len(p) for p in batch), pad_id, rows=batch_size)
+        mask[len(batch) :, -1] = 1  # filler rows
         out = generate(
             model,
             ids,
@@ -205,11 +222,29 @@ def greedy_completions(
             rng=jax.random.key(0),
             pad_token_id=pad_id,
         )
-        tokens, valid = np.asarray(out.tokens_BN), np.asarray(out.mask_BN)
-        for row in range(len(prompts)):
-            kept = tokens[row][valid[row].astype(bool) & (tokens[row] != end_id)]
-            outputs.append(tokenizer.decode(kept.tolist(), skip_special_tokens=True))
-    return outputs
+        tokens.append(np.asarray(out.tokens_BN)[: len(batch)])
+        valid.append(np.asarray(out.mask_BN)[: len(batch)])
+    return np.concatenate(tokens), np.concatenate(valid)
+
+
+def _greedy_continuous(model, prompts, max_new_tokens, batch_size, end_id, pad_id, progress):
+    ids, mask = left_pad(prompts, bucket_length(max(len(p) for p in prompts)))
+    graphdef, params = nnx.split(model)
+    bar = tqdm(total=len(prompts), desc="generate", unit="completion", disable=not progress)
+    out, _ = generate_continuous(
+        graphdef,
+        params,
+        ids,
+        mask,
+        jax.random.split(jax.random.key(0), len(prompts)),
+        sampling=SamplingConfig(max_new_tokens=max_new_tokens, temperature=0.0),
+        eos_ids=[end_id],
+        pad_id=pad_id,
+        engine=EngineConfig(slots=batch_size),
+        on_done=bar.update,
+    )
+    bar.close()
+    return out.tokens_BN, out.mask_BN
 
 
 def greedy_accuracy(model: Qwen2, tokenizer, rows: Sequence[dict], **kwargs) -> tuple[float, list[float]]:

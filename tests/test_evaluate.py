@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import json
 import math
@@ -17,7 +18,7 @@ from saerl_jax.data.problems import ProblemDataError
 from saerl_jax.data.prompt import load_tokenizer
 from saerl_jax.data.tinymath import DEFAULT_DIR as ASSETS
 from saerl_jax.model import load_pretrained
-from saerl_jax.sft import greedy_accuracy
+from saerl_jax.sft import greedy_accuracy, greedy_completions
 
 
 def write_jsonl(path, rows):
@@ -222,6 +223,9 @@ def test_greedy_eval_matches_greedy_accuracy_and_resumes(tiny_benchmarks, tmp_pa
         assert result["pass_at_k"] == {"1": pytest.approx(accuracy)}
         samples = [json.loads(line) for line in (out / "samples" / f"{name}.jsonl").read_text().splitlines()]
         assert [s["scores"] for s in samples] == [[r] for r in rewards]
+        questions = [row["question"] for row in rows]
+        greedy = functools.partial(greedy_completions, model, tokenizer, questions, max_new_tokens=MAX_NEW_TOKENS)
+        assert greedy(batch_size=3, engine="continuous") == greedy(batch_size=BATCH)  # the trainer's two engines
     average = results["average"]
     assert average["avg_at_k"] == pytest.approx(
         (results["benchmarks"]["math500"]["avg_at_k"] + results["benchmarks"]["gsm8k"]["avg_at_k"]) / 2
@@ -250,10 +254,12 @@ def test_sampled_eval_reports_pass_at_k_and_does_not_depend_on_batching(tiny_ben
         assert result["pass_at_k"]["1"] <= result["pass_at_k"]["2"] and 0 <= result["truncation_rate"] <= 1
     assert set(results["average"]["pass_at_k"]) == {"1", "2"}
 
-    problems = LOADERS["gsm8k"](tiny_benchmarks["gsm8k"][0])[:5]  # other batch size and neighbours, same keys
+    problems = LOADERS["gsm8k"](tiny_benchmarks["gsm8k"][0])[:5]  # other batching, neighbours and engine
     model, tokenizer = load_pretrained(ASSETS / "model"), load_tokenizer(ASSETS / "tokenizer")
     rebatched = tmp_path / "rebatched"
-    settings = dict(k=2, max_new_tokens=MAX_NEW_TOKENS, batch_size=4, progress=False, out=rebatched)
+    settings = dict(
+        k=2, max_new_tokens=MAX_NEW_TOKENS, batch_size=4, engine="continuous", progress=False, out=rebatched
+    )
     again = evaluate(model, tokenizer, {"gsm8k": problems}, **settings)
     first = [json.loads(line) for line in (out / "samples" / "gsm8k.jsonl").read_text().splitlines()][:5]
     second = [json.loads(line) for line in (rebatched / "samples" / "gsm8k.jsonl").read_text().splitlines()]

@@ -194,8 +194,9 @@ def test_row_keys_of_a_repeated_sample_differ_from_its_first_occurrence():
     assert len({tuple(k) for k in twice.tolist()}) == 8  # the repeats draw fresh ones
 
 
-@pytest.mark.parametrize("rows_per_call", [3, 8])
-def test_chunked_rollout_samples_exactly_what_one_call_samples(model, rows_per_call):
+@pytest.mark.parametrize("rows_per_call, engine", [(3, "static"), (8, "static"), (5, "continuous"), (0, "continuous")])
+def test_chunked_rollout_samples_exactly_what_one_call_samples(model, rows_per_call, engine):
+    """Static chunks, or the continuous engine with that many slots: the same completions as one call."""
     prompt_ids, prompt_mask = padded_batch([5, 7, 2], 9, VOCAB, side="left", seed=7)
     graphdef, params = nnx.split(model)
     common = dict(
@@ -206,7 +207,7 @@ def test_chunked_rollout_samples_exactly_what_one_call_samples(model, rows_per_c
         pad_id=0,
     )
     whole = rollout(graphdef, params, prompt_ids, prompt_mask, **common)
-    chunked = rollout(graphdef, params, prompt_ids, prompt_mask, rows_per_call=rows_per_call, **common)
+    chunked = rollout(graphdef, params, prompt_ids, prompt_mask, rows_per_call=rows_per_call, engine=engine, **common)
     for name, a, b in zip(whole._fields, whole, chunked, strict=True):
         if name != "sampler_logp_BN":
             np.testing.assert_array_equal(a, b, err_msg=name)

@@ -86,6 +86,32 @@ def test_a_step_trains_exactly_one_plan_batch_in_plan_order(tiny_model, tmp_path
         )
 
 
+def test_continuous_rollouts_train_what_static_rollouts_train(tiny_model, tmp_path):
+    """The slot engine (3 slots for 8 completions a step, so slots are refilled) samples the static
+    sampler's completions, so the run's rewards, lengths and held-out greedy accuracy are the same."""
+    cfg = GRPOConfig(
+        batch_size=4,
+        num_generations=2,
+        max_prompt_length=96,
+        max_completion_length=6,
+        max_steps=2,
+        eval_steps=2,
+        eval_limit=5,
+        rollout_batch_size=3,
+    )
+    rows = {}
+    for engine in ("static", "continuous"):
+        out = tmp_path / engine
+        job = _job(tiny_model, out, dataclasses.replace(cfg, rollout_engine=engine), eval_data=ASSETS / "eval.jsonl")
+        Trainer(job).train()
+        rows[engine] = read_metrics(out)
+    for static, continuous in zip(rows["static"], rows["continuous"], strict=True):
+        for key in ("reward_mean", "completion_length", "eval_accuracy"):
+            assert static.get(key) == continuous.get(key), key
+        assert static["loss"] == pytest.approx(continuous["loss"], abs=1e-5)
+    assert rows["continuous"][-1]["eval_accuracy"] is not None
+
+
 def test_export_loads_in_transformers_with_the_same_logits(tiny_model, tmp_path):
     cfg = DAPOConfig(
         batch_size=2,

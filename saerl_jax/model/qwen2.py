@@ -168,6 +168,16 @@ def _apply_rotary(x_BTNH: jax.Array, cos_BTH: jax.Array, sin_BTH: jax.Array) -> 
     return x_BTNH * cos_BTH[:, :, None, :] + rotated * sin_BTH[:, :, None, :]
 
 
+def _write_cache(cache_BKSH: jax.Array, new_BKTH: jax.Array, index: jax.Array | int) -> jax.Array:
+    """``cache`` with ``new`` written at slots ``index .. index + T`` of every row, or, for ``index`` of shape
+    ``[B]`` (and T = 1), at slot ``index[b]`` of row b."""
+    new_BKTH = new_BKTH.astype(cache_BKSH.dtype)
+    if jnp.ndim(index) == 1:
+        rows_B = jnp.arange(cache_BKSH.shape[0])
+        return cache_BKSH.at[rows_B, :, index].set(new_BKTH[:, :, 0], mode="drop")
+    return jax.lax.dynamic_update_slice(cache_BKSH, new_BKTH, (0, 0, index, 0))
+
+
 def _masked_softmax(scores_BKGTS: jax.Array, mask_BTS: jax.Array, head_dim: int, dtype) -> jax.Array:
     """Softmax over keys of the scaled scores in float32, masked keys at :data:`_MASK_VALUE`, cast to ``dtype``."""
     scores_BKGTS = jnp.where(mask_BTS[:, None, None], scores_BKGTS.astype(jnp.float32) * head_dim**-0.5, _MASK_VALUE)
@@ -286,7 +296,8 @@ class Qwen2Attention(nnx.Module):
     ) -> tuple[jax.Array, LayerCache | None]:
         """Attends from the T new tokens to themselves, or to the S cache slots when ``cache`` is given.
 
-        With a cache, the new keys/values are written at slots ``cache_index .. cache_index + T``.
+        With a cache, the new keys/values are written at slots ``cache_index .. cache_index + T``, or, with
+        one index per row (``[B]``, one new token each: continuous batching), at each row's own slot.
         ``attention_chunk`` > 0 attends that many queries at a time (see :func:`attend`).
         """
         b, t, _ = x_BTD.shape
@@ -297,10 +308,8 @@ class Qwen2Attention(nnx.Module):
         v_BKSH = self.v_proj(x_BTD).reshape(b, t, k_heads, h).transpose(0, 2, 1, 3)
         q_BTNH = _apply_rotary(q_BTNH, *cos_sin)
         if cache is not None:
-            start = (0, 0, cache_index, 0)
             cache = LayerCache(
-                jax.lax.dynamic_update_slice(cache.k_BKSH, k_BKSH.astype(cache.k_BKSH.dtype), start),
-                jax.lax.dynamic_update_slice(cache.v_BKSH, v_BKSH.astype(cache.v_BKSH.dtype), start),
+                _write_cache(cache.k_BKSH, k_BKSH, cache_index), _write_cache(cache.v_BKSH, v_BKSH, cache_index)
             )
             k_BKSH, v_BKSH = (c.astype(x_BTD.dtype) for c in cache)  # a cache_dtype other than compute
         q_BKGTH = q_BTNH.reshape(b, t, k_heads, g, h).transpose(0, 2, 3, 1, 4)
