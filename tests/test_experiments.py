@@ -189,8 +189,9 @@ def test_compare_samplers_end_to_end(compare_run, capsys):
     kept, shuffled = (
         Plan.load(compare_run / "plans" / arm / "plan.json").ids() for arm in ("saerl", "vanilla_filtered")
     )
-    assert sorted(kept) == sorted(shuffled) and kept != shuffled  # the filtered pool: the plan's rows, reordered
+    assert set(kept) == set(shuffled) and kept != shuffled  # the filtered pool: the plan's rows, reordered
     assert set(summary["paired"]) == {"vanilla_filtered", "difficulty", "saerl", "dense"}
+    assert set(summary["paired_filtered"]) == {"saerl", "dense"}
     for path in ("stores/sae/manifest.json", "stores/dense/manifest.json", "plans/saerl/plan.json", "pool-200.jsonl"):
         assert (compare_run / path).is_file()
     assert (compare_run / "curves.png").read_bytes()[:8] == PNG

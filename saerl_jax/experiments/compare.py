@@ -29,6 +29,9 @@ ARMS = ("vanilla", "vanilla_filtered", "difficulty", "saerl", "dense")
 on the SAE store; on the dense store."""
 REFERENCE = "vanilla"
 """The arm every other is paired against."""
+FILTERED = "vanilla_filtered"
+"""The second reference: the plan arms against shuffled training on the same kept rows isolate the order
+(and grouping) from the filtering."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -90,6 +93,12 @@ def _markdown(summary: dict) -> str:
             "![paired](paired.png)",
             "",
         ]
+    if summary.get("paired_filtered"):
+        lines += [
+            f"## The plans against `{FILTERED}` (the same kept rows, shuffled): ordering apart from filtering",
+            "",
+            paired_table(summary["paired_filtered"], FILTERED, summary["budget"]["k"]),
+        ]
     if summary["plans"]:
         lines += ["## Plans", "", plans_table(summary["plans"])]
     lines += ["![curves](curves.png)", ""]
@@ -118,5 +127,8 @@ def run_compare(cfg: CompareConfig) -> dict:
         plots["paired.png"] = functools.partial(
             plot_paired, paired=summary["paired"], reference=REFERENCE, title=f"paired difference to {REFERENCE}"
         )
+    plan_arms = {arm: rows for arm, rows in summary["results"].items() if arm in ("saerl", "dense", FILTERED)}
+    if FILTERED in plan_arms and len(plan_arms) > 1:
+        summary["paired_filtered"] = paired_summary(plan_arms, FILTERED, summary["target"])
     write_results(cfg.out, summary, _markdown(summary), plots)
     return summary
