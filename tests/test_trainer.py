@@ -86,6 +86,7 @@ def test_a_step_trains_exactly_one_plan_batch_in_plan_order(tiny_model, tmp_path
         )
 
 
+@pytest.mark.slow
 def test_continuous_rollouts_train_what_static_rollouts_train(tiny_model, tmp_path):
     """The slot engine (3 slots for 8 completions a step, so slots are refilled) samples the static
     sampler's completions, so the run's rewards, lengths and held-out greedy accuracy are the same."""
