@@ -568,7 +568,10 @@ class Trainer:
             except KeyboardInterrupt:
                 interrupted = True
                 print(f"\ninterrupted during step {self.step + 1}", flush=True)
+        # A stop asked for during the last step cannot cut the run short, but the caller (e.g. an experiment
+        # looping over runs) should still stop after it.
         summary = {"step": self.step, "interrupted": interrupted, "out": str(job.out)}
+        summary["stop_requested"] = stop.requested is not None
         if not interrupted:
             summary["hf"] = str(self.export(job.out / "hf"))
         return summary

@@ -154,6 +154,13 @@ def test_ctrl_c_finishes_the_step_saves_and_stops(tiny_model, data, straight, tm
     assert_same_run(tmp_path, straight)
 
 
+def test_ctrl_c_in_the_last_step_finishes_the_run_and_is_reported(tiny_model, data, tmp_path):
+    """The run cannot stop earlier than its end, but callers that loop over runs must learn of the request."""
+    summary = Faulty(_job(tiny_model, data, tmp_path), "rollout", CFG.max_steps, signal_only=True).train()
+    assert not summary["interrupted"] and summary["stop_requested"] and summary["step"] == CFG.max_steps
+    assert "hf" in summary
+
+
 class NaNAtStep3(Trainer):
     def __init__(self, job):
         super().__init__(job)

@@ -292,7 +292,7 @@ def run_arm(arm: Arm, seed: int, exp: Experiment, base_accuracy: float, tokenize
         progress=exp.progress,
     )
     summary = run_train(job)
-    if summary["interrupted"]:
+    if summary["interrupted"] or summary["stop_requested"]:  # a stop in the last step ends the script too
         raise KeyboardInterrupt(f"{arm.name} seed {seed} interrupted at step {summary['step']} (rerun to resume)")
     rows = [row for row in read_metrics(run_dir) if row["step"] <= exp.budget.steps]
     evals = [[row["step"], row["eval_accuracy"]] for row in rows if row.get("eval_accuracy") is not None]
