@@ -12,7 +12,7 @@ import dataclasses
 import inspect
 import itertools
 import textwrap
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from saerl_jax.precision import DType, check_dtype, resolve_compute_dtype
 
@@ -21,6 +21,7 @@ ImportanceLevel = Literal["token", "sequence"]
 ScaleRewards = Literal["group", "batch", "none"]
 FilterMetric = Literal["accuracy", "reward"]
 RolloutEngine = Literal["static", "continuous"]
+ROLLOUT_ENGINES: tuple[str, ...] = get_args(RolloutEngine)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -149,7 +150,7 @@ class GRPOConfig:
             "importance_sampling_level": ("token", "sequence"),
             "scale_rewards": ("group", "batch", "none"),
             "filter_groups_metric": ("accuracy", "reward"),
-            "rollout_engine": ("static", "continuous"),
+            "rollout_engine": ROLLOUT_ENGINES,
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

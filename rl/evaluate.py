@@ -20,7 +20,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from rl.benchmarks import EvalProblem, parse_benches
-from rl.config import RolloutEngine
+from rl.config import ROLLOUT_ENGINES, RolloutEngine
 from rl.rewards import RewardGrader, math_reward
 from rl.rollout import row_keys, sample_rows
 from saerl_jax.data.prompt import format_example, load_tokenizer, stop_ids
@@ -366,8 +366,8 @@ class EvalJob:
         parse_benches(self.bench, self.columns)
         if self.batch_size < 1 or self.max_new_tokens < 1 or (self.limit is not None and self.limit < 1):
             raise ValueError("batch_size, max_new_tokens and limit must be at least 1")
-        if self.engine not in ("static", "continuous"):
-            raise ValueError(f"engine must be 'static' or 'continuous', got {self.engine!r}")
+        if self.engine not in ROLLOUT_ENGINES:
+            raise ValueError(f"engine must be one of {ROLLOUT_ENGINES}, got {self.engine!r}")
 
 
 def run_eval(job: EvalJob) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from rl.config import ALGOS, DAPOConfig, GRPOConfig, field_docs
+from rl.config import ALGOS, ROLLOUT_ENGINES, DAPOConfig, GRPOConfig, field_docs
 from rl.evaluate import EvalJob, run_eval
 from rl.trainer import TrainJob, run_train
 from sae.job import TrainSAEJob, run_train_sae
@@ -294,7 +294,7 @@ example:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="completions decoded at once (%(default)s)")
     p.add_argument(
         "--engine",
-        choices=["static", "continuous"],
+        choices=ROLLOUT_ENGINES,
         default=d.engine,
         help="static chunks, or continuous batching over --batch-size slots; the same tokens (%(default)s)",
     )
