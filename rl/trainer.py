@@ -378,14 +378,16 @@ class Trainer:
             pad_id=self.pad_id,
             rows_per_call=self.cfg.rollout_batch_size,
             engine=self.cfg.rollout_engine,
-            mesh=self.mesh if jax.process_count() == 1 else None,  # several hosts decode their own rows
+            mesh=self.mesh,  # the engine's slots split over it; every host decodes its own rows
         )
 
     def _decode(self, tokens_BN: np.ndarray) -> list[str]:
         return self.tokenizer.batch_decode(tokens_BN.tolist(), skip_special_tokens=True)
 
     def _collect(self) -> GradedBatch:
-        params = _host_params(cast_floating(self.state.params, self.cfg.compute_dtype))  # sampled in compute dtype
+        params = cast_floating(self.state.params, self.cfg.compute_dtype)  # sampled in compute dtype
+        if self.cfg.rollout_engine == "static":  # the static sampler runs each host's rows on its own devices
+            params = _host_params(params)
         roll = functools.partial(self._roll, params=params)
         grade = self.job.reward or self.grader
         reward_fn = functools.partial(shaped_rewards, cfg=self.cfg, grade=grade, format_reward=format_reward)

@@ -6,15 +6,18 @@ Run by ``tests/test_sharding.py``::
         [--coordinator HOST:PORT --num-processes N --process-id I]
 
 With ``--coordinator``, joins a run of N processes through :func:`rl.distributed.initialize` first.
-Every process writes to the same run directory ``OUT``, as hosts sharing a file system would.
+Every process writes to the same run directory ``OUT``, as hosts sharing a file system would, and
+``OUT/gathers.I.json``: the trainer methods that gathered the whole parameters onto the host.
 """
 
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 from pathlib import Path
 
+import rl.trainer
 from rl.config import GRPOConfig
 from rl.distributed import initialize
 from rl.trainer import Trainer, TrainJob
@@ -62,7 +65,15 @@ def main() -> None:
         progress=False,
         reward=completion_length_reward,
     )
+    gathers, gather = [], rl.trainer._host_params
+
+    def recorded(params):
+        gathers.append(inspect.stack()[1].function)
+        return gather(params)
+
+    rl.trainer._host_params = recorded
     print(json.dumps(Trainer(job).train()), flush=True)
+    (args.out / f"gathers.{args.process_id}.json").write_text(json.dumps(gathers))
 
 
 if __name__ == "__main__":

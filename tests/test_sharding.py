@@ -304,7 +304,8 @@ def two_processes(problems, tmp_path_factory):
 @pytest.mark.slow
 def test_two_processes_train_like_one_process(two_processes, problems, tmp_path):
     """Against one process with two devices: the same prompts per step (host h holding rows h::2 of each
-    global batch), the same metrics and the same final params."""
+    global batch), the same metrics and the same final params; the rollouts decode in the slot engine
+    across both processes without gathering the parameters."""
     _train(tmp_path, problems, processes=1, devices=2)
 
     one = _ids(tmp_path / "batches.jsonl")
@@ -312,6 +313,10 @@ def test_two_processes_train_like_one_process(two_processes, problems, tmp_path)
     assert len(one) == 4 and all(len(ids) == 4 for ids in one)
     for step, ids in enumerate(one):
         assert [hosts[0][step], hosts[1][step]] == [ids[0::2], ids[1::2]]
+
+    for h in range(2):  # each host decoded its own rows with the parameters as sharded
+        gathers = json.loads((two_processes / f"gathers.{h}.json").read_text())
+        assert "_collect" not in gathers and "export" in gathers, gathers
 
     metrics = [read_metrics(run) for run in (tmp_path, two_processes)]
     assert [row["step"] for row in metrics[1]] == [1, 2, 3, 4]  # one writer, not one per process

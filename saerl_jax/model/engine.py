@@ -33,6 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
@@ -120,15 +121,20 @@ def _prefill_cache(model, ids_RP: jax.Array, mask_RP: jax.Array, cfg: SamplingCo
     return cache, model.logits(x_RPD[:, -1])
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "cfg"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "prompt_len", "cfg", "mesh"))
 def init_slots(
-    graphdef: nnx.GraphDef, state: nnx.State, keys_S: jax.Array, prompt_len: int, cfg: SamplingConfig
+    graphdef: nnx.GraphDef,
+    state: nnx.State,
+    keys_S: jax.Array,
+    prompt_len: int,
+    cfg: SamplingConfig,
+    mesh: Mesh | None = None,
 ) -> Slots:
-    """Empty slots (none live) for prompts of ``prompt_len`` tokens; ``keys_S`` only sets their number and
-    key type."""
+    """Empty slots (none live) for prompts of ``prompt_len`` tokens, laid out by :func:`slot_shardings`
+    over ``mesh`` when one is given; ``keys_S`` only sets their number and key type."""
     model = nnx.merge(graphdef, state)
     slots, n = keys_S.shape[0], cfg.max_new_tokens
-    return Slots(
+    empty = Slots(
         cache=model.init_cache(slots, prompt_len + n, cfg.cache_dtype),
         logits_SV=jnp.zeros((slots, model.config.vocab_size), model.dtype),
         keys_S=keys_S,
@@ -139,6 +145,7 @@ def init_slots(
         logprobs_SN=jnp.zeros((slots, n), jnp.float32),
         mask_SN=jnp.zeros((slots, n), bool),
     )
+    return empty if mesh is None else jax.lax.with_sharding_constraint(empty, slot_shardings(empty, mesh))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg"), donate_argnames=("slots",))
@@ -265,6 +272,64 @@ def _bucket(n: int, cap: int) -> int:
     return max(n, min(cap, 1 << max(0, n - 1).bit_length()))
 
 
+class _Layout:
+    """Where this process's slots and prompts sit in the engine's global arrays.
+
+    Without a mesh everything is local. Under a mesh the slot and prompt arrays are split over the batch
+    axes; with several processes each one holds its own block of slots (its own rows, its own queue) and
+    the host decisions that every process must take together (another round, an admission and its
+    prefill size) are agreed by a small all-gather, so every process calls the same programs with the
+    same global shapes. Parameters are never gathered.
+    """
+
+    def __init__(self, mesh: Mesh | None):
+        self.mesh = mesh
+        self.processes = jax.process_count() if mesh is not None else 1
+        if mesh is None:
+            self.ways = self.local_ways = 1
+            return
+        self.ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+        self.local_ways = len(self.host_rows(self.ways))
+        if self.local_ways * self.processes != self.ways:
+            raise ValueError(
+                f"the mesh's batch axes {BATCH_AXES} ({self.ways} ways) are not split evenly over "
+                f"{self.processes} processes"
+            )
+
+    def rows(self, ndim: int = 1) -> NamedSharding:
+        return NamedSharding(self.mesh, P(BATCH_AXES, *(None,) * (ndim - 1)))
+
+    def host_rows(self, n: int) -> np.ndarray:
+        """Global indices of this process's rows of an ``[n, ...]`` array split over the batch axes."""
+        index = self.rows().addressable_devices_indices_map((n,)).values()
+        spans = {(i[0].start or 0, n if i[0].stop is None else i[0].stop) for i in index}
+        return np.concatenate([np.arange(a, b) for a, b in sorted(spans)])
+
+    def local_count(self, n: int) -> int:
+        """This process's share of ``n`` rows, n rounded up to a whole number per batch shard."""
+        return -(-n // self.local_ways) * self.local_ways
+
+    def agree(self, *values: int) -> np.ndarray:
+        """Each value's maximum over the processes."""
+        local = np.asarray(values, np.int64)
+        if self.processes == 1:
+            return local
+        return np.asarray(multihost_utils.process_allgather(local)).reshape(self.processes, -1).max(axis=0)
+
+    def put(self, local):
+        """A global array from this process's rows (split over the batch axes), or ``local`` as it is."""
+        if self.mesh is None:
+            return jnp.asarray(local)
+        return jax.make_array_from_process_local_data(self.rows(np.ndim(local)), local)
+
+    def get(self, x: jax.Array) -> np.ndarray:
+        """This process's rows of a global array split over the batch axes, as numpy."""
+        if x.is_fully_addressable:
+            return np.asarray(x)
+        shards = {s.index[0].start or 0: s.data for s in x.addressable_shards}  # replicas share an index
+        return np.concatenate([np.asarray(shards[k]) for k in sorted(shards)])
+
+
 def generate_continuous(
     graphdef: nnx.GraphDef,
     params: nnx.State,
@@ -284,56 +349,65 @@ def generate_continuous(
     Args:
       graphdef, params: the policy, as ``nnx.split`` parts.
       ids_WP, mask_WP: left-aligned prompts ``[W, P]`` (as :func:`~saerl_jax.model.sampling.left_align`
-        makes them); identical rows share one prefill.
+        makes them); identical rows share one prefill. With several processes: this process's rows (P the
+        same on every process).
       keys_W: one sampling key per row.
       sampling: temperature, top-p, the budget N, cache dtype, prefill attention chunk.
       eos_ids: tokens that end a completion; ``pad_id`` is written after them.
-      engine: slots and admission policy (default :class:`EngineConfig`).
+      engine: slots and admission policy (default :class:`EngineConfig`); with several processes, slots
+        per process.
       on_done: called with the number of rows that ended at each host visit (e.g. a progress bar).
-      mesh: split the slots over this mesh (:func:`slot_shardings`); the parameters stay as placed.
+      mesh: split the slots over this mesh (:func:`slot_shardings`); the parameters stay as placed. When
+        the mesh spans several processes, every process calls this together with its own rows, and each
+        decodes its rows in its own slots (see :class:`_Layout`).
 
     Returns:
       ``[W, N]`` tokens, log-probs and completion mask as host numpy arrays, equal to what
-      :func:`~saerl_jax.model.sampling.generate_fn` gives for the same rows and keys; and the call's stats.
+      :func:`~saerl_jax.model.sampling.generate_fn` gives for the same rows and keys; and the call's stats
+      (decode steps and live slot-steps count every process's slots).
     """
     engine = engine or EngineConfig()
+    layout = _Layout(mesh)
     ids_WP, mask_WP = np.asarray(ids_WP, np.int32), np.asarray(mask_WP, np.int32)
     w, p = ids_WP.shape
     n = sampling.max_new_tokens
-    s = min(engine.slots, w)
-    if mesh is not None:  # a whole number of slots per batch shard
-        ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-        s = -(-s // ways) * ways
-    stats = EngineStats(slots=s, items=w)
+    if w == 0 and layout.processes == 1:
+        return GenerateOutput(*(np.zeros((0, n), t) for t in (np.int32, np.float32, np.int32))), EngineStats(items=0)
+    s = layout.local_count(int(layout.agree(min(engine.slots, w))[0]))  # this process's slots
+    stats = EngineStats(slots=s * layout.processes, items=w)
     prompt_of_W = _prompt_index(ids_WP, mask_WP)
     eos_E, pad = jnp.asarray(np.asarray(eos_ids, np.int32)), jnp.int32(pad_id)
-    slots = init_slots(graphdef, params, keys_W[:s], p, sampling)
-    if mesh is not None:
-        slots = jax.device_put(slots, slot_shardings(slots, mesh))
+    slots = init_slots(graphdef, params, layout.put(keys_W[np.arange(s) % w]), p, sampling, mesh=mesh)
     prompts = (ids_WP, mask_WP, prompt_of_W, keys_W)
     out = GenerateOutput(np.full((w, n), pad_id, np.int32), np.zeros((w, n), np.float32), np.zeros((w, n), np.int32))
     item_S = np.full(s, -1)  # the work item each slot holds, -1 when free
     queue = 0  # items are admitted in row order
-    while queue < w or (item_S >= 0).any():
+    while True:
         free = np.flatnonzero(item_S < 0)
-        if queue < w and (len(free) >= min(engine.admit_at, w - queue) or not (item_S >= 0).any()):
-            taken = free[: w - queue]
-            items = np.arange(queue, queue + len(taken))
+        busy = bool((item_S >= 0).any())
+        admit = queue < w and (len(free) >= min(engine.admit_at, w - queue) or not busy)
+        taken = free[: w - queue] if admit else free[:0]
+        items = np.arange(queue, queue + len(taken))
+        distinct = len(np.unique(prompt_of_W[items]))
+        more, size = layout.agree(queue < w or busy, _bucket(distinct, s) if admit else 0)
+        if not more:
+            break
+        if size:  # some process admits: all of them prefill a batch of this size
             queue += len(taken)
-            slots = _admit(graphdef, params, slots, prompts, items, taken, pad, sampling, stats)
+            slots = _admit(graphdef, params, slots, prompts, items, taken, pad, sampling, stats, layout, size)
             item_S[taken] = items
         slots, ran, produced = decode_fn(graphdef, params, slots, eos_E, pad, sampling, engine.sync_steps)
         stats.decode_steps += int(ran)
         stats.live_slot_steps += int(produced)
-        live_S = np.asarray(slots.live_S)
+        live_S = layout.get(slots.live_S)
         ended = np.flatnonzero((item_S >= 0) & ~live_S)
         if ended.size:
-            tokens_SN, logprobs_SN, mask_SN = jax.device_get((slots.tokens_SN, slots.logprobs_SN, slots.mask_SN))
+            tokens_SN, logprobs_SN, mask_SN = map(layout.get, (slots.tokens_SN, slots.logprobs_SN, slots.mask_SN))
             out.tokens_BN[item_S[ended]] = tokens_SN[ended]
             out.logprobs_BN[item_S[ended]] = logprobs_SN[ended]
             out.mask_BN[item_S[ended]] = mask_SN[ended]
             item_S[ended] = -1
-            if on_done is not None:
+            if on_done is not None and ended.size:
                 on_done(len(ended))
     return out, stats
 
@@ -345,28 +419,33 @@ def _prompt_index(ids_WP: np.ndarray, mask_WP: np.ndarray) -> np.ndarray:
     return index.reshape(-1)
 
 
-def _admit(graphdef, params, slots, prompts, items, taken, pad, sampling, stats):
-    """Prefills the distinct prompts of ``items`` (padded to a power-of-two batch) into slots ``taken``."""
+def _admit(graphdef, params, slots, prompts, items, taken, pad, sampling, stats, layout, size):
+    """Prefills the distinct prompts of ``items`` (a batch of ``size`` per process, padded) into slots
+    ``taken`` of this process; a process that admits nothing prefills filler rows and starts no slot."""
     ids_WP, mask_WP, prompt_of_W, keys_W = prompts
-    s = slots.step_S.shape[0]
-    prompts, first, source = np.unique(prompt_of_W[items], return_index=True, return_inverse=True)
-    r = _bucket(len(prompts), s)
-    rows = items[first][np.minimum(np.arange(r), len(prompts) - 1)]
+    s = slots.step_S.shape[0] // layout.processes
+    r = layout.local_count(size)
     source_S = np.full(s, -1, np.int32)
-    source_S[taken] = source.reshape(-1)
     slot_items = np.zeros(s, np.int64)
-    slot_items[taken] = items
-    stats.prefilled += len(prompts)
-    stats.admissions += 1
-    stats.prefill_shapes.add(r)
+    if len(items):
+        distinct, first, source = np.unique(prompt_of_W[items], return_index=True, return_inverse=True)
+        rows = items[first][np.minimum(np.arange(r), len(distinct) - 1)]
+        stats.prefilled += len(distinct)
+        stats.admissions += 1
+        stats.prefill_shapes.add(r)
+        global_R = layout.host_rows(r * layout.processes) if layout.mesh else np.arange(r)
+        source_S[taken] = global_R[source.reshape(-1)]
+        slot_items[taken] = items
+    else:
+        rows = np.zeros(r, np.int64)
     return admit_fn(
         graphdef,
         params,
         slots,
-        jnp.asarray(ids_WP[rows]),
-        jnp.asarray(mask_WP[rows]),
-        jnp.asarray(source_S),
-        keys_W[jnp.asarray(slot_items)],
+        layout.put(ids_WP[rows]),
+        layout.put(mask_WP[rows]),
+        layout.put(source_S),
+        layout.put(keys_W[jnp.asarray(slot_items)]),
         pad,
         sampling,
     )
