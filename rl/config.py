@@ -49,10 +49,10 @@ class GRPOConfig:
     this many, with the continuous engine this is its number of cache slots (the KV cache and activations
     of that many rows are live at a time); 0 decodes all rows together. Never changes what is sampled
     (every completion has its own key)."""
-    rollout_engine: RolloutEngine = "static"
-    """``static``: each chunk decodes until its longest row ends; ``continuous``: a slot whose completion
-    ended is refilled from the queue, and the G rows of a prompt share one prefill
-    (:mod:`saerl_jax.model.engine`). The same tokens either way."""
+    rollout_engine: RolloutEngine = "continuous"
+    """``continuous`` (default): a slot whose completion ended is refilled from the queue, and the G rows of
+    a prompt share one prefill (:mod:`saerl_jax.model.engine`); ``static``: each chunk decodes until its
+    longest row ends (the reference the engine is tested against). The same tokens either way."""
     # Objective.
     loss_type: LossType = "grpo"
     """Aggregation: grpo (per-sequence mean), bnpo / dapo (token-level), dr_grpo (fixed denominator)."""

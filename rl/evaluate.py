@@ -116,7 +116,7 @@ def sample_and_grade(
     top_p: float = 1.0,
     seed: int = 0,
     batch_size: int = 64,
-    engine: RolloutEngine = "static",
+    engine: RolloutEngine = "continuous",
     grader: Grader | None = None,
     desc: str = "sample",
     progress: bool = True,
@@ -248,7 +248,7 @@ def evaluate(
     seed: int = 0,
     greedy: bool = False,
     batch_size: int = 64,
-    engine: RolloutEngine = "static",
+    engine: RolloutEngine = "continuous",
     grader: Grader | None = None,
     progress: bool = True,
     out: str | os.PathLike | None = None,
@@ -354,7 +354,7 @@ class EvalJob:
     """Sampling seed."""
     batch_size: int = 64
     """Completions decoded at once (static chunks, or the continuous engine's slots)."""
-    engine: RolloutEngine = "static"
+    engine: RolloutEngine = "continuous"
     """Sampler: ``static`` chunks or ``continuous`` batching (the same tokens)."""
     reward_workers: int = 2
     """Grading processes; 0 grades in this process."""

@@ -36,6 +36,7 @@ from rl.rollout import logprobs_fn, rollout_sampling
 from rl.sharding import batch_sharding, make_mesh, tree_shardings
 from rl.step import init_state, jit_train_step, make_optimizer
 from saerl_jax.model import Qwen2, Qwen2Config, generate_fn
+from saerl_jax.model.engine import BATCH_AXES, EngineConfig, admit_fn, decode_fn, init_slots, slot_shardings
 
 GB = 10**9
 
@@ -188,18 +189,11 @@ def _compile(model_cfg: Qwen2Config, cfg: GRPOConfig, mesh, dtype) -> tuple[list
         Phase("train step", Usage.of(step.lower(state, _batch(cfg, cfg.rows, rows_sharding)).compile()), ref_bytes)
     ]
 
-    chunk = cfg.rollout_batch_size or cfg.rows
-    whole = NamedSharding(mesh, P())
-    sampling = rollout_sampling(cfg)
-    prompts = jax.ShapeDtypeStruct((chunk, cfg.max_prompt_length), jnp.int32, sharding=whole)
-    keys = jax.ShapeDtypeStruct((chunk,), jax.random.key(0).dtype, sharding=whole)
-    eos = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=whole)
-    pad = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
-    lowered = generate_fn.lower(graphdef, compute_params, prompts, prompts, keys, eos, pad, sampling)
     # besides its parameters the train state and the reference stay on the device; the params cast to the
     # compute dtype are a copy unless it is their own dtype
     resident = state_bytes + ref_bytes - (_device_bytes(state.params) if jnp.dtype(cfg.compute_dtype) == dtype else 0)
-    phases.append(Phase(f"rollout ({chunk} rows per call)", Usage.of(lowered.compile()), resident))
+    rollout_phases = _engine_phases if cfg.rollout_engine == "continuous" else _static_phases
+    phases += rollout_phases(graphdef, compute_params, cfg, mesh, resident)
 
     if cfg.beta > 0 or cfg.num_iterations > 1:
         batch = _batch(cfg, cfg.rows, rows_sharding)
@@ -218,6 +212,43 @@ def _compile(model_cfg: Qwen2Config, cfg: GRPOConfig, mesh, dtype) -> tuple[list
         resident = state_bytes if cfg.beta > 0 else state_bytes - _device_bytes(state.params) + ref_bytes
         phases.append(Phase(name, Usage.of(lowered.compile()), resident))
     return phases, state_bytes, ref_bytes
+
+
+def _static_phases(graphdef, params, cfg: GRPOConfig, mesh, resident: int) -> list[Phase]:
+    """The static sampler's one program: ``rollout_batch_size`` rows decoded to the budget together."""
+    chunk = cfg.rollout_batch_size or cfg.rows
+    whole = NamedSharding(mesh, P())
+    prompts = jax.ShapeDtypeStruct((chunk, cfg.max_prompt_length), jnp.int32, sharding=whole)
+    keys = jax.ShapeDtypeStruct((chunk,), jax.random.key(0).dtype, sharding=whole)
+    eos = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=whole)
+    pad = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
+    lowered = generate_fn.lower(graphdef, params, prompts, prompts, keys, eos, pad, rollout_sampling(cfg))
+    return [Phase(f"rollout ({chunk} rows per call)", Usage.of(lowered.compile()), resident)]
+
+
+def _engine_phases(graphdef, params, cfg: GRPOConfig, mesh, resident: int) -> list[Phase]:
+    """The slot engine's two programs (:mod:`saerl_jax.model.engine`) with S = ``rollout_batch_size``
+    slots split over the mesh as the trainer splits them: an admission at its largest (a prefill of S
+    distinct prompts into every slot) and the decode loop. Each holds the S-slot cache."""
+    ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    s = -(-(cfg.rollout_batch_size or cfg.rows) // ways) * ways
+    sampling = rollout_sampling(cfg)
+    whole = NamedSharding(mesh, P())
+    keys = jax.ShapeDtypeStruct((s,), jax.random.key(0).dtype, sharding=whole)
+    slots = jax.eval_shape(lambda p, k: init_slots(graphdef, p, k, cfg.max_prompt_length, sampling), params, keys)
+    slots = _sharded(slots, slot_shardings(slots, mesh))
+    rows = NamedSharding(mesh, P(BATCH_AXES))  # the engine's prompts, sources and keys (one row per slot)
+    prompts = jax.ShapeDtypeStruct((s, cfg.max_prompt_length), jnp.int32, sharding=rows)
+    source = jax.ShapeDtypeStruct((s,), jnp.int32, sharding=rows)
+    row_keys = jax.ShapeDtypeStruct((s,), jax.random.key(0).dtype, sharding=rows)
+    eos = jax.ShapeDtypeStruct((1,), jnp.int32, sharding=whole)
+    pad = jax.ShapeDtypeStruct((), jnp.int32, sharding=whole)
+    admit = admit_fn.lower(graphdef, params, slots, prompts, prompts, source, row_keys, pad, sampling)
+    decode = decode_fn.lower(graphdef, params, slots, eos, pad, sampling, EngineConfig().sync_steps)
+    return [
+        Phase(f"rollout prefill ({s} slots)", Usage.of(admit.compile()), resident),
+        Phase(f"rollout decode ({s} slots)", Usage.of(decode.compile()), resident),
+    ]
 
 
 class Plan(NamedTuple):
@@ -244,12 +275,13 @@ def _describe(setting: PlanSetting) -> str:
     cfg = setting.config
     return (
         f"mesh {'x'.join(map(str, setting.mesh))}, accumulation {cfg.gradient_accumulation_steps}, "
-        f"rollout chunk {cfg.rollout_batch_size or cfg.rows}, remat {cfg.remat}"
+        f"{cfg.rollout_engine} rollout of {cfg.rollout_batch_size or cfg.rows} rows at once, remat {cfg.remat}"
     )
 
 
 def plan(setting: PlanSetting) -> Plan:
-    """Compiles the train step, the rollout at its chunk's shape and the log-prob passes of ``setting``.
+    """Compiles the train step, the rollout (the static sampler at its chunk's shape, or the slot engine's
+    prefill and decode programs) and the log-prob passes of ``setting``.
 
     With ``compile_layers = k`` the programs are compiled for two layer counts k apart
     (:attr:`PlanSetting.layer_counts`) and every byte count is extrapolated linearly to the model's layer
@@ -318,7 +350,8 @@ def plan_table(result: Plan, device_bytes: int | None = None) -> str:
         f"{planned.cache_dtype} KV cache, mesh {'x'.join(map(str, s.mesh))}, "
         f"{cfg.batch_size} prompts x {cfg.num_generations}, prompt {cfg.max_prompt_length} + completion "
         f"{cfg.max_completion_length}, accumulation "
-        f"{cfg.gradient_accumulation_steps}, rollout chunk {cfg.rollout_batch_size or cfg.rows}, remat {cfg.remat}, "
+        f"{cfg.gradient_accumulation_steps}, {cfg.rollout_engine} rollout of {cfg.rollout_batch_size or cfg.rows} "
+        f"rows at once, remat {cfg.remat}, "
         f"attention chunk {cfg.attention_chunk or 'none'}, beta {cfg.beta}"
         + (f" (extrapolated from {s.layer_counts[0]} and {s.layer_counts[1]} layers)" if s.compile_layers else "")
     )
@@ -479,7 +512,7 @@ def report(job: MemoryPlanJob) -> str:
 def search_table(plans: list[Plan], sizes: list[int]) -> str:
     """One row per compiled setting: its knobs, each phase's device total and whether it fits each size."""
     names = [phase.name.split(" (")[0] for phase in plans[0].phases]
-    head = ["mesh", "accumulation", "rows per micro-batch", "rollout chunk", "remat", *names, "peak"]
+    head = ["mesh", "accumulation", "rows per micro-batch", "rollout rows at once", "remat", *names, "peak"]
     head += [f"fits {_gb(size)} GB" for size in sizes]
     lines = ["| " + " | ".join(head) + " |", "| " + " | ".join(["---"] * 5 + ["---:"] * (len(head) - 5)) + " |"]
     order = sorted(

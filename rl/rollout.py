@@ -99,7 +99,7 @@ def rollout(
     eos_ids: Sequence[int],
     pad_id: int,
     rows_per_call: int = 0,
-    engine: RolloutEngine = "static",
+    engine: RolloutEngine = "continuous",
     mesh: Mesh | None = None,
 ) -> Rollout:
     """Samples ``num_generations`` completions for each prompt of a host batch.
@@ -149,7 +149,7 @@ def sample_rows(
     eos_ids: Sequence[int],
     pad_id: int,
     rows_per_call: int = 0,
-    engine: RolloutEngine = "static",
+    engine: RolloutEngine = "continuous",
     on_done: Callable[[int], None] | None = None,
     mesh: Mesh | None = None,
 ) -> GenerateOutput:

@@ -184,14 +184,14 @@ def greedy_completions(
     *,
     max_new_tokens: int = 96,
     batch_size: int = 128,
-    engine: str = "static",
+    engine: str = "continuous",
     progress: bool = False,
 ) -> list[str]:
     """Greedy completions of the chat prompts of ``questions``, decoded up to ``<|im_end|>``.
 
-    ``engine="static"`` decodes ``batch_size`` prompts at a time, each batch until its longest completion
-    ends; ``"continuous"`` keeps ``batch_size`` cache slots busy (:mod:`saerl_jax.model.engine`). The same
-    completions either way."""
+    ``engine="continuous"`` (default) keeps ``batch_size`` cache slots busy (:mod:`saerl_jax.model.engine`);
+    ``"static"`` decodes ``batch_size`` prompts at a time, each batch until its longest completion ends (the
+    reference). The same completions either way."""
     end_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
     pad_id = tokenizer.pad_token_id or 0
     prompts = [format_example(tokenizer, q).input_ids for q in questions]

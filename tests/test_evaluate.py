@@ -225,7 +225,7 @@ def test_greedy_eval_matches_greedy_accuracy_and_resumes(tiny_benchmarks, tmp_pa
         assert [s["scores"] for s in samples] == [[r] for r in rewards]
         questions = [row["question"] for row in rows]
         greedy = functools.partial(greedy_completions, model, tokenizer, questions, max_new_tokens=MAX_NEW_TOKENS)
-        assert greedy(batch_size=3, engine="continuous") == greedy(batch_size=BATCH)  # the trainer's two engines
+        assert greedy(batch_size=3) == greedy(batch_size=BATCH, engine="static")  # the two engines
     average = results["average"]
     assert average["avg_at_k"] == pytest.approx(
         (results["benchmarks"]["math500"]["avg_at_k"] + results["benchmarks"]["gsm8k"]["avg_at_k"]) / 2
@@ -257,9 +257,7 @@ def test_sampled_eval_reports_pass_at_k_and_does_not_depend_on_batching(tiny_ben
     problems = LOADERS["gsm8k"](tiny_benchmarks["gsm8k"][0])[:5]  # other batching, neighbours and engine
     model, tokenizer = load_pretrained(ASSETS / "model"), load_tokenizer(ASSETS / "tokenizer")
     rebatched = tmp_path / "rebatched"
-    settings = dict(
-        k=2, max_new_tokens=MAX_NEW_TOKENS, batch_size=4, engine="continuous", progress=False, out=rebatched
-    )
+    settings = dict(k=2, max_new_tokens=MAX_NEW_TOKENS, batch_size=4, engine="static", progress=False, out=rebatched)
     again = evaluate(model, tokenizer, {"gsm8k": problems}, **settings)
     first = [json.loads(line) for line in (out / "samples" / "gsm8k.jsonl").read_text().splitlines()][:5]
     second = [json.loads(line) for line in (rebatched / "samples" / "gsm8k.jsonl").read_text().splitlines()]

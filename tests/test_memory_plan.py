@@ -85,7 +85,14 @@ def test_plan_counts_the_state_the_batch_and_the_donation(tiny_plan):
     assert step.usage.alias_bytes == tiny_plan.state_bytes  # the state is donated and updated in place
     assert step.resident_bytes == tiny_plan.reference_bytes
     names = [p.name for p in tiny_plan.phases]
-    assert names == ["train step", f"rollout ({rows} rows per call)", "reference log-probs"]
+    engine = [f"rollout prefill ({rows} slots)", f"rollout decode ({rows} slots)"]
+    assert names == ["train step", *engine, "reference log-probs"]
+    head_dim = MODEL.hidden_size // MODEL.num_attention_heads
+    cache = 2 * MODEL.num_hidden_layers * rows * MODEL.num_key_value_heads * (p + n) * head_dim * 4
+    for phase in tiny_plan.phases[1:3]:  # the slots, their cache included, are donated and updated in place
+        assert phase.usage.alias_bytes >= cache, phase.name
+    static = plan(PlanSetting(model=MODEL, config=dataclasses.replace(CONFIG, rollout_engine="static"), mesh=(1, 1, 1)))
+    assert [p.name for p in static.phases] == ["train step", f"rollout ({rows} rows per call)", "reference log-probs"]
     assert tiny_plan.peak_bytes == max(p.usage.peak_bytes + p.resident_bytes for p in tiny_plan.phases)
 
 
