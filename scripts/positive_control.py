@@ -29,6 +29,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.set_defaults(**DEFAULTS)
     group = parser.add_argument_group("positive control")
     group.add_argument("--arms", nargs="+", choices=list(ARMS), default=list(ARMS), help="arms (default: all)")
+    group.add_argument(
+        "--reference", choices=list(ARMS), default="vanilla", help="the arm the others are paired with (vanilla)"
+    )
     group.add_argument("--n-problems", type=int, default=2000, help="pool rows, noise included (%(default)s)")
     group.add_argument("--n-eval", type=int, default=1000, help="clean held-out problems (%(default)s)")
     group.add_argument("--world-seed", type=int, default=0, help="generator seed of the world (%(default)s)")
@@ -40,6 +43,7 @@ def main(argv: list[str] | None = None) -> None:
         ControlConfig(
             **study_options(args),
             arms=tuple(args.arms),
+            reference=args.reference,
             n_problems=args.n_problems,
             n_eval=args.n_eval,
             world_seed=args.world_seed,

@@ -122,3 +122,31 @@ def test_planted_conditions_report(tmp_path):
     assert not c["checks"]["hard rung starves GRPO: base pass rate <= 0.15"]["ok"]  # 0.5 here
     assert c["checks"]["wrong answers rarely rewarded: base pass rate <= 0.1"]["ok"]
     assert "| NO |" in conditions_table(c)
+
+
+def test_rung_curriculum_orders_the_clean_rows_by_true_rung(tmp_path):
+    from saerl_jax.data.tinymath import write_jsonl
+    from saerl_jax.pipeline.sampler import ExternalDifficultySampler
+
+    problems = load_problems(write_jsonl(control.generate(200, seed=5), tmp_path / "pool.jsonl")).problems
+    ordered = control.rung_curriculum(problems, seed=1)
+    assert [p.id for p in ordered] == [p.id for p in problems if control.is_clean({"source": p.source})]
+    assert control.rung_curriculum(problems, seed=1) == ordered
+    assert control.rung_curriculum(problems, seed=2) != ordered
+    sampler = ExternalDifficultySampler([p.id for p in ordered], [p.difficulty for p in ordered], batch_size=8)
+    order = [i for b in range(len(ordered) // 8) for i in sampler.batch(b)]
+    rung = {p.id: control.RUNGS.index(p.source.removeprefix("control/")) for p in ordered}
+    ranks = [rung[i] for i in order]
+    assert ranks == sorted(ranks) and set(ranks) == {0, 1, 2}
+    by_id = sorted(p.id for p in ordered if rung[p.id] == 2)
+    assert [i for i in order if rung[i] == 2] != by_id  # random within a rung, not by id
+
+
+def test_control_config_pairs_with_its_reference():
+    from saerl_jax.experiments.control import ControlConfig
+
+    cfg = ControlConfig(arms=("oracle_order",), reference="vanilla_clean")
+    assert cfg.arms == ("vanilla_clean", "oracle_order")
+    assert ControlConfig(arms=("saerl",)).arms == ("vanilla", "saerl")
+    with pytest.raises(ValueError, match="reference"):
+        ControlConfig(reference="nope")

@@ -27,11 +27,12 @@ clean, drawn from the same rungs in the same proportions. Everything is a pure f
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from saerl_jax.data import tinymath
+from saerl_jax.data.problems import Problem
 from saerl_jax.data.tinymath import Draft
 
 RUNGS = ("easy", "medium", "hard")
@@ -171,3 +172,16 @@ def generate_eval(
 def is_clean(row: dict) -> bool:
     """Whether a control row is a correct, on-distribution problem."""
     return str(row.get("source", "")).startswith("control/")
+
+
+def rung_curriculum(problems: Sequence[Problem], *, seed: int = 0) -> list[Problem]:
+    """The clean rows of ``problems`` with ``difficulty`` set to their true rung, for the difficulty sampler
+    (easy to hard): ``RUNGS.index(rung) + u`` with ``u`` uniform in [0, 1) from ``seed``, so the rungs come
+    in order and the rows of one rung in a random order. The best curriculum the world allows (it knows
+    the labels SAERL has to estimate): against the clean rows shuffled, what ordering can do here at all."""
+    clean = [p for p in problems if is_clean({"source": p.source})]
+    jitter = np.random.default_rng(seed).random(len(clean))
+    return [
+        dataclasses.replace(p, difficulty=RUNGS.index(p.source.removeprefix("control/")) + float(u))
+        for p, u in zip(clean, jitter, strict=True)
+    ]

@@ -65,6 +65,8 @@ ARMS = {
     "signal SAERL replaces)",
     "compressed": "dense hidden states, PCA to 32 dimensions, a k-center subset of steps x batch problems, "
     "shuffled (the hidden-state-compression baseline, as read here)",
+    "oracle_order": "only the clean rows, easy to hard by their true rung (random within a rung): the best "
+    "order this world allows; against vanilla_clean, what ordering can do here at all",
     "replan": "the SAERL plan, rebuilt every N steps from the current policy's SAE features over the kept "
     "rows not yet trained (beyond the paper)",
 }
@@ -84,7 +86,9 @@ class ControlConfig(StudyConfig):
     world_seed: int = 0
     """Generator seed of the world (held-out: seed + 1)."""
     arms: tuple[str, ...] = tuple(ARMS)
-    """Arms to run, names from :data:`ARMS` (vanilla always runs: the reference)."""
+    """Arms to run, names from :data:`ARMS` (the reference always runs)."""
+    reference: str = REFERENCE
+    """The arm every other one is paired with (default vanilla)."""
     rollout_k: int = 4
     """Samples per pool problem for the base pass rates (rollout baseline and the planted conditions)."""
     rollout_temperature: float = 1.0
@@ -101,8 +105,10 @@ class ControlConfig(StudyConfig):
         unknown = sorted(set(self.arms) - set(ARMS))
         if unknown or len(set(self.arms)) != len(self.arms):
             raise ValueError(f"arms must be distinct names from {tuple(ARMS)}, got {self.arms}")
-        if REFERENCE not in self.arms:
-            object.__setattr__(self, "arms", (REFERENCE, *self.arms))
+        if self.reference not in ARMS:
+            raise ValueError(f"reference must be one of {tuple(ARMS)}, got {self.reference!r}")
+        if self.reference not in self.arms:
+            object.__setattr__(self, "arms", (self.reference, *self.arms))
 
 
 def write_world(cfg: ControlConfig) -> tuple[Path, Path]:
@@ -241,6 +247,9 @@ def build_arms(cfg: ControlConfig, pool: Path, rates) -> tuple[list[Arm], dict, 
         elif name == "no_sort":
             path, plans[name] = cfg.make_plan(store, pool, name, sort=False)
             arms.append(Arm(name=name, sampler="plan", plan=path))
+        elif name == "oracle_order":
+            data = _write_if_changed(control.rung_curriculum(problems, seed=cfg.plan_seed), inputs / "rungs.jsonl")
+            arms.append(Arm(name=name, sampler="difficulty", data=data))
         elif name == "rollout":
             data = inputs / "rollout.jsonl"
             write_rollout_pool(problems, rates, data)
@@ -333,9 +342,9 @@ def _markdown(summary: dict) -> str:
         "## Results",
         "",
         arms_table(summary),
-        f"## Paired differences to {REFERENCE}",
+        f"## Paired differences to {summary['reference']}",
         "",
-        paired_table(summary["paired"], REFERENCE, k),
+        paired_table(summary["paired"], summary["reference"], k),
         "![paired](paired.png)",
         "",
         "![curves](curves.png)",
@@ -393,14 +402,18 @@ def run_control(cfg: ControlConfig) -> dict:
             cfg.out / "conditions.json", lambda tmp: Path(tmp).write_text(json.dumps(summary["conditions"], indent=1))
         )
         summary["plans"], summary["costs"] = plans, costs
-        summary["paired"] = paired_summary(summary["results"], REFERENCE, summary["target"])
+        summary["reference"] = cfg.reference
+        summary["paired"] = paired_summary(summary["results"], cfg.reference, summary["target"])
         summary["kinds_trained"] = _kinds_trained(summary, pool)
         summary["replan_cost"] = {
             str(r["seed"]): replan_cost(Path(r["run_dir"])) for r in summary["results"].get("replan", [])
         }
         curves = functools.partial(plot_curves, summary=summary, title="held-out greedy accuracy (mean, min-max)")
         paired = functools.partial(
-            plot_paired, paired=summary["paired"], reference=REFERENCE, title=f"paired difference to {REFERENCE}"
+            plot_paired,
+            paired=summary["paired"],
+            reference=cfg.reference,
+            title=f"paired difference to {cfg.reference}",
         )
         write_results(cfg.out, summary, _markdown(summary), {"curves.png": curves, "paired.png": paired})
         state["summary"] = summary
