@@ -66,6 +66,8 @@ class TrainSAEJob:
     compute_dtype: DType | None = None
     """The model's forward (the activations) and the SAE's matmuls; None: bfloat16 on accelerators, float32
     on CPU."""
+    progress: bool = True
+    """A progress bar on stderr."""
 
 
 def read_documents(path: Path, tokenizer, max_tokens: int) -> list[np.ndarray]:
@@ -154,7 +156,7 @@ def run_train_sae(job: TrainSAEJob) -> dict[str, float]:
         compute_dtype=compute_dtype,
     )
     job.out.mkdir(parents=True, exist_ok=True)
-    sae, _ = train(sae, source, cfg, checkpoint_dir=job.out / "checkpoints")
+    sae, _ = train(sae, source, cfg, checkpoint_dir=job.out / "checkpoints", progress=job.progress)
     save(sae, job.out)
     eval_source = ModelSource(
         model, job.layer, eval_seqs, batch_size=1, special_ids=special, sequences_per_round=len(eval_seqs)

@@ -62,7 +62,7 @@ def _plan(cfg: CompareConfig, data: Path, name: str) -> tuple[Path, dict]:
         return given, Plan.load(given / "plan.json" if given.is_dir() else given).summary()
     if name == "dense":
         store = cfg.dense_store or build_store(
-            cfg.sources, data, cfg.out / "stores" / "dense", dense=True, seed=cfg.plan_seed
+            cfg.sources, data, cfg.out / "stores" / "dense", dense=True, seed=cfg.plan_seed, progress=cfg.progress
         )
         return cfg.make_plan(store, data, name)
     options = {"order": "random"} if name == "vanilla_filtered" else {}

@@ -58,7 +58,9 @@ class StudyConfig:
         """The given SAE store, or the one built (once) from ``data``."""
         if self.store is not None:
             return self.store
-        return build_store(self.sources, data, self.out / "stores" / "sae", dense=False, seed=self.plan_seed)
+        return build_store(
+            self.sources, data, self.out / "stores" / "sae", dense=False, seed=self.plan_seed, progress=self.progress
+        )
 
     def make_plan(self, store: Path, data: Path, name: str, **options) -> tuple[Path, dict]:
         """The plan ``out/plans/NAME`` from ``store`` (batch = the GRPO batch size), built once."""

@@ -256,7 +256,9 @@ def build_arms(cfg: ControlConfig, pool: Path, rates) -> tuple[list[Arm], dict, 
             arms.append(Arm(name=name, sampler="difficulty", data=data))
             costs["rollout"] = rates.cost
         elif name == "compressed":
-            dense = build_store(cfg.sources, pool, cfg.out / "stores" / "dense", dense=True, seed=cfg.plan_seed)
+            dense = build_store(
+                cfg.sources, pool, cfg.out / "stores" / "dense", dense=True, seed=cfg.plan_seed, progress=cfg.progress
+            )
             budget = min(len(problems), cfg.budget.steps * cfg.budget.batch_size)
             chosen = select_from_store(dense, problems, budget, n_components=cfg.dense_components, seed=cfg.plan_seed)
             data = _write_if_changed(chosen, inputs / "compressed.jsonl")

@@ -77,7 +77,7 @@ def training_pool(sources: Sources, out: Path) -> Path:
     return path
 
 
-def build_store(sources: Sources, data: Path, out: Path, *, dense: bool, seed: int = 0) -> Path:
+def build_store(sources: Sources, data: Path, out: Path, *, dense: bool, seed: int = 0, progress: bool = True) -> Path:
     """Extracts (or finishes) the SAE feature store of ``data``, or with ``dense`` the pooled hidden states
     at the SAE's layer (the paper's dense baseline); ``saerl extract`` skips the parts already written."""
     layer = sae_lib.load(sources.sae_dir).config.metadata.hook_layer
@@ -93,6 +93,7 @@ def build_store(sources: Sources, data: Path, out: Path, *, dense: bool, seed: i
         part_size=4096,
         selection_sample=4096,
         seed=seed,
+        progress=progress,
     )
     return run_extract(job)
 

@@ -103,7 +103,7 @@ class SmallSAE:
     """Initialisation and data-order seed."""
 
 
-def train_small_model(spec: SmallModel, tokenizer_dir: Path, out: Path) -> Path:
+def train_small_model(spec: SmallModel, tokenizer_dir: Path, out: Path, *, progress: bool = True) -> Path:
     """Trains and saves (config, weights, tokenizer, ``sft_report.json``) the small model under ``out``,
     unless ``out`` already holds one trained with ``spec``; returns ``out``. With ``spec.vocab_size`` its
     tokenizer is a new BPE trained on the SFT problems, else the one in ``tokenizer_dir``."""
@@ -128,7 +128,7 @@ def train_small_model(spec: SmallModel, tokenizer_dir: Path, out: Path) -> Path:
     model = Qwen2(config, rngs=nnx.Rngs(spec.seed))
     shape = f"{spec.layers}-layer, {spec.hidden_size}-wide"
     print(f"small model: SFT of a {shape} Qwen2 for {spec.steps} steps", flush=True)
-    losses, _ = sft.train(model, sft.tokenize_sft(tokenizer, rows, cfg.seq_len), cfg)
+    losses, _ = sft.train(model, sft.tokenize_sft(tokenizer, rows, cfg.seq_len), cfg, progress=progress)
     save_pretrained(model, out)
     tokenizer.save_pretrained(out)
     report = {
@@ -142,7 +142,7 @@ def train_small_model(spec: SmallModel, tokenizer_dir: Path, out: Path) -> Path:
     return out
 
 
-def train_small_sae(spec: SmallSAE, model_dir: Path, data: Path, out: Path) -> Path:
+def train_small_sae(spec: SmallSAE, model_dir: Path, data: Path, out: Path, *, progress: bool = True) -> Path:
     """Trains the SAE of ``model_dir`` on ``data`` into ``out`` (SAELens layout), unless ``out`` holds one of
     these settings; an interrupted training of the same settings resumes, one of other settings starts over.
     Returns ``out``."""
@@ -172,6 +172,7 @@ def train_small_sae(spec: SmallSAE, model_dir: Path, data: Path, out: Path) -> P
         batch_size=spec.batch_size,
         seed=spec.seed,
         checkpoint_every=max(1, spec.steps // 4),
+        progress=progress,
     )
     run_train_sae(job)
     return out
@@ -281,13 +282,17 @@ def run_transfer(cfg: TransferConfig) -> dict:
     if cfg.direction == "down":
         model_a, tokenizer_a = cfg.sources.model_dir, cfg.sources.tokenizer_dir
         store = cfg.sae_store(data)
-        model_b = cfg.model_b or train_small_model(cfg.small, cfg.sources.tokenizer_dir, cfg.out / "model-b")
+        model_b = cfg.model_b or train_small_model(
+            cfg.small, cfg.sources.tokenizer_dir, cfg.out / "model-b", progress=cfg.progress
+        )
     else:
-        model_a = train_small_model(cfg.small, cfg.sources.tokenizer_dir, cfg.out / "model-a")
+        model_a = train_small_model(cfg.small, cfg.sources.tokenizer_dir, cfg.out / "model-a", progress=cfg.progress)
         tokenizer_a = tokenizer_of(model_a, cfg.sources.tokenizer_dir)
-        sae_a = train_small_sae(cfg.small_sae, model_a, data, cfg.out / "model-a-sae")
+        sae_a = train_small_sae(cfg.small_sae, model_a, data, cfg.out / "model-a-sae", progress=cfg.progress)
         sources_a = dataclasses.replace(cfg.sources, model=model_a, sae=sae_a, tokenizer=tokenizer_a)
-        store = build_store(sources_a, data, cfg.out / "stores" / "sae-a", dense=False, seed=cfg.plan_seed)
+        store = build_store(
+            sources_a, data, cfg.out / "stores" / "sae-a", dense=False, seed=cfg.plan_seed, progress=cfg.progress
+        )
         model_b = cfg.model_b or cfg.sources.model_dir
     tokenizer_b = tokenizer_of(model_b, cfg.sources.tokenizer_dir)
     plan, plan_summary = cfg.make_plan(store, data, "saerl-from-a")

@@ -90,6 +90,8 @@ class ExtractJob:
     """``field=column`` mappings for datasets with other column names, e.g. ``question=problem``."""
     seed: int = 0
     """Seed of the selection sample."""
+    progress: bool = True
+    """Progress bars on stderr (latent selection, extraction)."""
 
     def __post_init__(self) -> None:
         if not self.dense and self.sae is None:
@@ -185,7 +187,7 @@ def _choose_latents(job, encoder, examples, identity) -> np.ndarray:
     if job.selection_sample is not None and job.selection_sample < n:
         sample = sorted(np.random.default_rng(job.seed).choice(n, job.selection_sample, replace=False).tolist())
     counts_F, tokens = 0, 0
-    bar = tqdm(total=len(sample), desc="select latents", unit="sample")
+    bar = tqdm(total=len(sample), desc="select latents", unit="sample", disable=not job.progress)
     for rows, ids, mask, spans in bucketed_batches(examples, sample, job.batch_size, job.prompt_span):
         mask[len(rows) :] = 0  # filler rows do not count
         batch_counts, batch_tokens = encoder.counts(ids, mask, spans)
@@ -254,7 +256,9 @@ def run_extract(job: ExtractJob) -> Path:
     done = finished_parts(job.out, manifest)
     todo = [i for i in range(len(ranges)) if i % num_shards == shard_index and i not in done]
     latents_K = jnp.asarray(latents if latents is not None else np.zeros(0, np.int32))
-    bar = tqdm(total=sum(ranges[i][1] - ranges[i][0] for i in todo), desc="extract", unit="sample")
+    bar = tqdm(
+        total=sum(ranges[i][1] - ranges[i][0] for i in todo), desc="extract", unit="sample", disable=not job.progress
+    )
     for index in todo:
         start, end = ranges[index]
         features = np.zeros((end - start, len(columns)), np.float32)
