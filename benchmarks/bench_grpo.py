@@ -11,7 +11,7 @@ problem's ``final_answer``. Both see the same prompts at every step: the first b
 prompts (system prompt :data:`saerl_jax.data.SYSTEM_PROMPT`) in that order; the benchmark checks that both
 graded exactly those prompts at every step.
 
-- Ours: :class:`rl.trainer.Trainer` with a :class:`rl.trainer.TrainJob`, ``train_one_step()`` in a loop
+- Ours: :class:`rl.trainer.Trainer` with a :class:`rl.trainer.TrainJob`, ``run_step()`` in a loop
   (rollout, grading in the trainer's worker processes, reference log-probs, update). Prompts are
   left-padded to one fixed width (the longest prompt used, rounded up to 8), so one compile serves all.
 - TRL: ``GRPOTrainer.train()`` on the same Hugging Face directory loaded with transformers (float32, SDPA
@@ -161,7 +161,7 @@ def make_config(args: argparse.Namespace, prompt_length: int, steps: int) -> GRP
 
 
 class SaerlSteps:
-    """Our trainer driven one ``train_one_step`` at a time (no checkpoints, evaluation or logging between),
+    """Our trainer driven one ``run_step`` at a time (no checkpoints, evaluation or logging between),
     grading in worker processes as ``Trainer.train`` does. Use as a context manager."""
 
     def __init__(self, args: argparse.Namespace, cfg: GRPOConfig, batches: list[list[Problem]]):
@@ -186,7 +186,8 @@ class SaerlSteps:
         """One step, timed; checks it drew the expected prompts."""
         expected = sorted(p.id for p in self.batches[len(self.run.step_s)])
         start, cpu = time.perf_counter(), time.process_time()
-        row, sample_ids = self.trainer.train_one_step()
+        state, row, sample_ids = self.trainer.run_step()
+        self.trainer.state, self.trainer.step = state, self.trainer.step + 1  # Trainer.commit, without a log
         self.run.step_s.append(time.perf_counter() - start)
         self.run.cpu_s.append(time.process_time() - cpu)
         for phase in self.phases:
