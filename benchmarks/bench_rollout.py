@@ -83,7 +83,7 @@ def bench(name: str, directory: Path, ids, mask, sample_ids, eos, pad, args) -> 
     common = dict(sampling=cfg, eos_ids=eos, pad_id=pad)
 
     def static():
-        return sample_rows(graphdef, params, ids_W, mask_W, keys, rows_per_call=args.slots, **common)
+        return sample_rows(graphdef, params, ids_W, mask_W, keys, rows_per_call=args.slots, engine="static", **common)
 
     engine = EngineConfig(slots=args.slots, sync_steps=args.sync_steps)
 
