@@ -36,7 +36,7 @@ from saerl_jax.sft import greedy_accuracy
 
 NOT_YET = {
     "comparison": "vanilla GRPO vs the SAERL curriculum over seeds, the ablations and the transfer run are "
-    "scripts/compare_samplers.py, ablate.py and transfer.py (about an hour together on a 2-core CPU; results in "
+    "scripts/compare_samplers.py, ablate.py and transfer.py (several hours together on a 2-core CPU; results in "
     "docs/results.md), not part of the demo",
 }
 
