@@ -7,7 +7,42 @@ import math
 import os
 from pathlib import Path
 
+import jax
+
 from saerl_jax.io import atomic_write
+
+COMPILE_EVENT = "/jax/core/compile/backend_compile_duration"
+"""JAX's event for one XLA compile (with its seconds)."""
+CACHE_HIT_EVENT = "/jax/compilation_cache/cache_hits"
+"""JAX's event for one program read from the persistent compilation cache instead."""
+
+
+class CompileCounter:
+    """Counts the XLA programs this process builds while entered: compiles (and their seconds) and
+    programs read from the persistent compilation cache. A training step that meets a new shape (a new
+    prompt-length bucket, a new prefill batch of the slot engine) shows up as ``compiles > 0``."""
+
+    def __init__(self):
+        self.compiles = 0
+        self.seconds = 0.0
+
+    def _on_duration(self, event: str, duration: float, **_) -> None:
+        if event == COMPILE_EVENT:
+            self.compiles += 1
+            self.seconds += duration
+
+    def _on_event(self, event: str, **_) -> None:
+        if event == CACHE_HIT_EVENT:
+            self.compiles += 1
+
+    def __enter__(self) -> CompileCounter:
+        jax.monitoring.register_event_duration_secs_listener(self._on_duration)
+        jax.monitoring.register_event_listener(self._on_event)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        jax.monitoring.unregister_event_duration_listener(self._on_duration)
+        jax.monitoring.unregister_event_listener(self._on_event)
 
 
 def _open_log(path: Path, resume_step: int | None):

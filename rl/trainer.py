@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from rl.collect import GradedBatch, PromptQueue, collect, loss_mask, shaped_rewards
 from rl.config import GRPOConfig, config_from_dict
-from rl.metrics import MetricsLog
+from rl.metrics import CompileCounter, MetricsLog
 from rl.rewards import RewardGrader, format_reward
 from rl.rollout import logprobs_fn, rollout, rollout_sampling, row_keys
 from rl.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
@@ -251,6 +251,8 @@ class Trainer:
         )
         self.grader = RewardGrader(workers=job.reward_workers, timeout_s=cfg.reward_timeout_s)  # starts on first use
         self.step = 0
+        self.compiles = 0
+        """XLA programs this process built in its steps (compiled or read from the persistent cache)."""
         self.consistent = True
         """Whether ``state``, ``step`` and the data position form a step-boundary state (saveable)."""
         self.resumed = job.resume and self.manager.latest_step() is not None
@@ -436,31 +438,34 @@ class Trainer:
         """
         started = time.perf_counter()
         position = self.iterator.get_state(), self.queue.state()
-        try:
-            graded = self._collect()
-            batch = self._batch(graded)
-        except BaseException:
-            self.iterator.set_state(position[0])
-            self.queue.restore(position[1])
-            raise
-        rolled = time.perf_counter()
-        self.consistent = False  # the update donates the buffers of the step-boundary state
-        state = self.state
-        for _ in range(self.cfg.num_iterations):
-            state, metrics = self.step_fn(state, batch)
-        metrics = {name: float(value) for name, value in metrics.items()}
-        self._check_finite(metrics)
-        done = time.perf_counter()
-        row = {
-            **metrics,
-            **self._rollout_metrics(graded),
-            "rollout_s": rolled - started,
-            "update_s": done - rolled,
-            "tokens_per_s": float(_gather(graded.rollout.lengths_B).sum()) / (done - started),
-        }
-        step, cfg = self.step + 1, self.cfg
-        if self.eval_rows and (step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
-            row["eval_accuracy"], row["eval_correct"] = self.evaluate(state.params, per_problem=True)
+        with CompileCounter() as compiled:
+            try:
+                graded = self._collect()
+                batch = self._batch(graded)
+            except BaseException:
+                self.iterator.set_state(position[0])
+                self.queue.restore(position[1])
+                raise
+            rolled = time.perf_counter()
+            self.consistent = False  # the update donates the buffers of the step-boundary state
+            state = self.state
+            for _ in range(self.cfg.num_iterations):
+                state, metrics = self.step_fn(state, batch)
+            metrics = {name: float(value) for name, value in metrics.items()}
+            self._check_finite(metrics)
+            done = time.perf_counter()
+            row = {
+                **metrics,
+                **self._rollout_metrics(graded),
+                "rollout_s": rolled - started,
+                "update_s": done - rolled,
+                "tokens_per_s": float(_gather(graded.rollout.lengths_B).sum()) / (done - started),
+            }
+            step, cfg = self.step + 1, self.cfg
+            if self.eval_rows and (step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
+                row["eval_accuracy"], row["eval_correct"] = self.evaluate(state.params, per_problem=True)
+        row["compiles"], row["compile_s"] = float(compiled.compiles), compiled.seconds  # this process's
+        self.compiles += compiled.compiles
         return state, row, graded.sample_ids
 
     def _check_finite(self, metrics: dict[str, float]) -> None:
@@ -572,7 +577,7 @@ class Trainer:
                 print(f"\ninterrupted during step {self.step + 1}", flush=True)
         # A stop asked for during the last step cannot cut the run short, but the caller (e.g. an experiment
         # looping over runs) should still stop after it.
-        summary = {"step": self.step, "interrupted": interrupted, "out": str(job.out)}
+        summary = {"step": self.step, "interrupted": interrupted, "out": str(job.out), "compiles": self.compiles}
         summary["stop_requested"] = stop.requested is not None
         if not interrupted:
             summary["hf"] = str(self.export(job.out / "hf"))

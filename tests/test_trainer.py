@@ -9,6 +9,7 @@ import functools
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 import torch
@@ -26,7 +27,7 @@ from saerl_jax.errors import UserError
 from saerl_jax.model import forward, load_pretrained
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tiny-math"
-TIMING = {"rollout_s", "update_s", "tokens_per_s"}
+TIMING = {"rollout_s", "update_s", "tokens_per_s", "compiles", "compile_s"}  # depend on the run, not the data
 
 
 def digit_share(completions, answers):
@@ -134,8 +135,25 @@ def test_export_loads_in_transformers_with_the_same_logits(tiny_model, tmp_path)
     np.testing.assert_allclose(np.asarray(forward(trained, ids)), expected, atol=1e-4)
     np.testing.assert_allclose(np.asarray(forward(load_pretrained(tmp_path / "hf"), ids)), expected, atol=1e-4)
     assert transformers.AutoTokenizer.from_pretrained(tmp_path / "hf").eos_token == "<|im_end|>"
-    row = read_metrics(tmp_path)[-1]
+    rows = read_metrics(tmp_path)
+    row = rows[-1]
     assert {"kl", "clip_region", "entropy", "groups_filtered", "frac_reward_zero_std", "truncation_rate"} <= set(row)
+    assert rows[0]["compiles"] > 0 and trainer.compiles == sum(r["compiles"] for r in rows)
+
+
+def test_compile_counter_counts_new_programs_only():
+    from rl.metrics import CompileCounter
+
+    fn = jax.jit(lambda x: x * 3 + 1)
+    five, zeros, seven = np.ones(5, np.float32), np.zeros(5, np.float32), np.ones(7, np.float32)
+    with CompileCounter() as first:
+        fn(five)
+    with CompileCounter() as again:
+        fn(five)
+        fn(zeros)
+    with CompileCounter() as other:
+        fn(seven)  # a new shape
+    assert first.compiles >= 1 and again.compiles == 0 and other.compiles >= 1
 
 
 # --- the pieces ------------------------------------------------------------------------------------------
