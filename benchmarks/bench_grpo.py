@@ -166,9 +166,9 @@ class SaerlSteps:
 
     def __init__(self, args: argparse.Namespace, cfg: GRPOConfig, batches: list[list[Problem]]):
         self.run, self.batches, self.rows = Run("saerl-jax"), batches, cfg.rows
-        self.phases: dict[str, list[float]] = {"rollout_s": [], "update_s": []}
+        self.phases: dict[str, list[float]] = {"rollout_s": [], "update_s": [], "compiles": []}
         """The trainer's own split of each step: sampling, decoding and grading / reference log-probs and
-        the update."""
+        the update; and the XLA programs each step built."""
         self.out = tempfile.TemporaryDirectory()
         job = TrainJob(
             model=args.model,
@@ -347,9 +347,14 @@ def report(args: argparse.Namespace, runs: list[Run], phases: dict[str, list[flo
         line = f"{name:<12}{s['s_per_step']:>18.3f}{s['tokens_per_s']:>12,.0f}{s['speedup_vs_trl']:>9.2f}x"
         print(f"{line}{s['cpu_s_per_step']:>12.3f}{s['cpu_speedup_vs_trl']:>9.2f}x{s['first_step_s']:>15.1f}")
     print(f"{'Tunix':<12}{tunix}")
+    compiles = phases.pop("compiles", [])
     split = {phase: statistics.median(values[1 : 1 + args.steps]) for phase, values in phases.items()}
     print(f"saerl-jax step, median: rollout (sampling, decoding, grading) {split['rollout_s']:.3f} s, ", end="")
     print(f"update (reference log-probs, loss, AdamW) {split['update_s']:.3f} s")
+    late = [f"step {i + 1}: {int(n)}" for i, n in enumerate(compiles) if i and n]
+    first = int(compiles[0]) if compiles else 0
+    print(f"saerl-jax XLA programs built: {int(sum(compiles))} ({first} in step 1; later: {', '.join(late) or 'none'})")
+    split["compiles_per_step"] = compiles
     if trl:
         print(f"goal: saerl-jax >= {GOAL}x faster than TRL; measured {summaries['saerl-jax']['speedup_vs_trl']:.2f}x")
     curves = {run.name: run.rewards[: args.curve_steps] for run in runs}
