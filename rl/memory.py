@@ -36,7 +36,15 @@ from rl.rollout import logprobs_fn, rollout_sampling
 from rl.sharding import batch_sharding, make_mesh, tree_shardings
 from rl.step import init_state, jit_train_step, make_optimizer
 from saerl_jax.model import Qwen2, Qwen2Config, generate_fn
-from saerl_jax.model.engine import BATCH_AXES, EngineConfig, admit_fn, decode_fn, init_slots, slot_shardings
+from saerl_jax.model.engine import (
+    BATCH_AXES,
+    EngineConfig,
+    admit_fn,
+    batch_ways,
+    decode_fn,
+    init_slots,
+    slot_shardings,
+)
 
 GB = 10**9
 
@@ -230,8 +238,8 @@ def _engine_phases(graphdef, params, cfg: GRPOConfig, mesh, resident: int) -> li
     """The slot engine's two programs (:mod:`saerl_jax.model.engine`) with S = ``rollout_batch_size``
     slots split over the mesh as the trainer splits them: an admission at its largest (a prefill of S
     distinct prompts into every slot) and the decode loop. Each holds the S-slot cache."""
-    ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-    s = -(-(cfg.rollout_batch_size or cfg.rows) // ways) * ways
+    ways = batch_ways(mesh)
+    s = -(-(cfg.rollout_batch_size or cfg.rows) // ways) * ways  # as generate_continuous rounds them
     sampling = rollout_sampling(cfg)
     whole = NamedSharding(mesh, P())
     keys = jax.ShapeDtypeStruct((s,), jax.random.key(0).dtype, sharding=whole)

@@ -248,13 +248,18 @@ BATCH_AXES = ("data", "fsdp")
 """Mesh axes that split the slots (the trainer's batch axes)."""
 
 
+def batch_ways(mesh: Mesh) -> int:
+    """Shards the slots split into: the product of the mesh's :data:`BATCH_AXES`."""
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
 def slot_shardings(slots: Slots, mesh: Mesh) -> Slots:
     """Slots split over the mesh's batch axes; cache heads over ``tensor`` when they divide.
 
     Raises:
       ValueError: the slot count does not divide over the batch axes.
     """
-    ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+    ways = batch_ways(mesh)
     s = slots.step_S.shape[0]
     if s % ways:
         raise ValueError(f"{s} slots do not divide over the mesh's batch axes {BATCH_AXES} ({ways} ways)")
@@ -286,22 +291,21 @@ class _Layout:
         self.mesh = mesh
         self.processes = jax.process_count() if mesh is not None else 1
         if mesh is None:
-            self.ways = self.local_ways = 1
+            self.local_ways = 1
             return
-        self.ways = int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
-        self.local_ways = len(self.host_rows(self.ways))
-        if self.local_ways * self.processes != self.ways:
+        self.rows = NamedSharding(mesh, P(BATCH_AXES))  # leading axis split, any further axes whole
+        ways = batch_ways(mesh)
+        self.local_ways = len(self.host_rows(ways))
+        if self.local_ways * self.processes != ways:
             raise ValueError(
-                f"the mesh's batch axes {BATCH_AXES} ({self.ways} ways) are not split evenly over "
-                f"{self.processes} processes"
+                f"the mesh's batch axes {BATCH_AXES} ({ways} ways) are not split evenly over {self.processes} processes"
             )
-
-    def rows(self, ndim: int = 1) -> NamedSharding:
-        return NamedSharding(self.mesh, P(BATCH_AXES, *(None,) * (ndim - 1)))
 
     def host_rows(self, n: int) -> np.ndarray:
         """Global indices of this process's rows of an ``[n, ...]`` array split over the batch axes."""
-        index = self.rows().addressable_devices_indices_map((n,)).values()
+        if self.mesh is None:
+            return np.arange(n)
+        index = self.rows.addressable_devices_indices_map((n,)).values()
         spans = {(i[0].start or 0, n if i[0].stop is None else i[0].stop) for i in index}
         return np.concatenate([np.arange(a, b) for a, b in sorted(spans)])
 
@@ -320,7 +324,7 @@ class _Layout:
         """A global array from this process's rows (split over the batch axes), or ``local`` as it is."""
         if self.mesh is None:
             return jnp.asarray(local)
-        return jax.make_array_from_process_local_data(self.rows(np.ndim(local)), local)
+        return jax.make_array_from_process_local_data(self.rows, local)
 
     def get(self, x: jax.Array) -> np.ndarray:
         """This process's rows of a global array split over the batch axes, as numpy."""
@@ -407,7 +411,7 @@ def generate_continuous(
             out.logprobs_BN[item_S[ended]] = logprobs_SN[ended]
             out.mask_BN[item_S[ended]] = mask_SN[ended]
             item_S[ended] = -1
-            if on_done is not None and ended.size:
+            if on_done is not None:
                 on_done(len(ended))
     return out, stats
 
@@ -433,8 +437,7 @@ def _admit(graphdef, params, slots, prompts, items, taken, pad, sampling, stats,
         stats.prefilled += len(distinct)
         stats.admissions += 1
         stats.prefill_shapes.add(r)
-        global_R = layout.host_rows(r * layout.processes) if layout.mesh else np.arange(r)
-        source_S[taken] = global_R[source.reshape(-1)]
+        source_S[taken] = layout.host_rows(r * layout.processes)[source.reshape(-1)]  # global prompt rows
         slot_items[taken] = items
     else:
         rows = np.zeros(r, np.int64)
