@@ -57,6 +57,7 @@ import numpy as np
 import optax
 import torch
 import transformers
+from bench_accelerator import matmul_params  # a sibling script: the same weight count as its MFU
 from flax import nnx
 
 from rl import losses
@@ -143,9 +144,8 @@ def analytic_flops(c: Qwen2Config, rows: int, p: int, n: int) -> dict[str, float
     """Matmul FLOPs: the decoder on all P + N positions, the LM head on the N completion positions only;
     the backward is twice the forward; the optimizer's few FLOPs per parameter are not counted."""
     t, hd = p + n, c.hidden_size // c.num_attention_heads
-    q, kv = c.num_attention_heads * hd, c.num_key_value_heads * hd
-    layer = c.hidden_size * (2 * q + 2 * kv) + 3 * c.hidden_size * c.intermediate_size
-    linear = 2 * layer * c.num_hidden_layers * rows * t
+    decoder = matmul_params(c) - c.vocab_size * c.hidden_size  # projection weights per token, every layer
+    linear = 2 * decoder * rows * t
     attention = 2 * 2 * rows * c.num_attention_heads * t * t * hd * c.num_hidden_layers
     forward = linear + attention + 2 * c.hidden_size * c.vocab_size * rows * n
     return {"forward": forward, "backward": 2 * forward, "grad": 3 * forward, "step": 3 * forward}
