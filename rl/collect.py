@@ -8,7 +8,10 @@ become its part of the global batch of the update.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
 from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -204,3 +207,48 @@ def _concat(rollouts: list[Rollout]) -> Rollout:
         r._replace(prompt_ids_BP=widen(r.prompt_ids_BP), prompt_mask_BP=widen(r.prompt_mask_BP)) for r in rollouts
     ]
     return Rollout(*(np.concatenate(fields) for fields in zip(*rollouts, strict=True)))
+
+
+class RolloutStore:
+    """Completions sampled once per prompt and kept in a JSONL file (offline DPO: the initial policy's
+    rollouts), one line per prompt id, appended and flushed as they are sampled. A torn last line (a run
+    killed mid-write) is dropped on load: the prompt is sampled again, to the same tokens."""
+
+    def __init__(self, path: Path, width: int, pad_id: int):
+        self.path, self.width, self.pad_id = path, width, pad_id
+        self.rows: dict[str, dict] = {}
+        if path.is_file():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                self.rows[row["id"]] = row
+
+    def __contains__(self, sample_id: str) -> bool:
+        return sample_id in self.rows
+
+    def add(self, sample_id: str, rollout: Rollout) -> None:
+        """Keeps the G completions of one prompt (``rollout``'s rows)."""
+        row = {
+            "id": sample_id,
+            "completions": [ids[mask == 1].tolist() for ids, mask in zip(*rollout[2:4], strict=True)],
+            "truncated": rollout.truncated_B.tolist(),
+        }
+        self.rows[sample_id] = row
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def rollout(self, sample_ids: Sequence[str], prompt_ids_BP: np.ndarray, prompt_mask_BP: np.ndarray) -> Rollout:
+        """The stored completions of ``sample_ids`` (each repeated G times in the prompt arrays), as a rollout
+        (sampler log-probs 0: they are not kept)."""
+        completions = [c for i in sample_ids for c in self.rows[i]["completions"]]
+        ids_BN = np.full((len(completions), self.width), self.pad_id, np.int32)
+        mask_BN = np.zeros((len(completions), self.width), np.int32)
+        for row, tokens in enumerate(completions):
+            ids_BN[row, : len(tokens)], mask_BN[row, : len(tokens)] = tokens, 1
+        truncated_B = np.array([t for i in sample_ids for t in self.rows[i]["truncated"]], bool)
+        return Rollout(prompt_ids_BP, prompt_mask_BP, ids_BN, mask_BN, np.zeros(ids_BN.shape, np.float32), truncated_B)

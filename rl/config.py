@@ -1,8 +1,14 @@
-"""Frozen configs of the RL trainer. Names follow TRL's ``GRPOConfig`` where one exists.
+"""Frozen configs of the RL trainer. Names follow TRL's ``GRPOConfig`` / ``PPOConfig`` / ``DPOConfig`` where
+one exists.
 
 ``GRPOConfig`` defaults to the GRPO of DeepSeekMath (per-sequence mean, KL to a frozen reference with
 ``beta = 0.04``, symmetric clip). ``DAPOConfig`` only changes defaults, as in the DAPO paper (Yu et al.,
 2025): clip-higher 0.2 / 0.28, token-level loss, no KL, dynamic sampling and soft overlong punishment.
+
+``PPOConfig`` and ``DPOConfig`` share everything a run needs besides its objective (batches, sampling,
+optimizer, precision, loop) with ``GRPOConfig`` and add their own objective fields; GRPO's objective fields
+that mean nothing to them must stay at their defaults (checked), so a config never carries an option that
+silently does nothing.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import dataclasses
 import inspect
 import itertools
 import textwrap
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 from saerl_jax.precision import DType, check_dtype, resolve_compute_dtype
 
@@ -20,6 +26,10 @@ LossType = Literal["grpo", "bnpo", "dr_grpo", "dapo"]
 ImportanceLevel = Literal["token", "sequence"]
 ScaleRewards = Literal["group", "batch", "none"]
 FilterMetric = Literal["accuracy", "reward"]
+KLEstimator = Literal["k1", "k3"]
+ValueModel = Literal["separate", "shared"]
+DPOLossType = Literal["sigmoid", "ipo"]
+DPOPairs = Literal["online", "offline"]
 RolloutEngine = Literal["static", "continuous"]
 ROLLOUT_ENGINES: tuple[str, ...] = get_args(RolloutEngine)
 
@@ -138,6 +148,11 @@ class GRPOConfig:
     seed: int = 0
     """Seeds sampling; the data order has its own seed in the sampler."""
 
+    loss_types: ClassVar[tuple[str, ...]] = get_args(LossType)
+    """The ``loss_type`` values this algorithm has (a class constant, not a field)."""
+    min_generations = 2
+    """G below this is refused (GRPO's advantages compare the completions of one prompt)."""
+
     def __post_init__(self) -> None:
         positive = ("batch_size", "num_generations", "gradient_accumulation_steps", "max_prompt_length")
         positive += ("max_completion_length",)
@@ -146,7 +161,7 @@ class GRPOConfig:
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         choices = {
-            "loss_type": ("grpo", "bnpo", "dr_grpo", "dapo"),
+            "loss_type": self.loss_types,
             "importance_sampling_level": ("token", "sequence"),
             "scale_rewards": ("group", "batch", "none"),
             "filter_groups_metric": ("accuracy", "reward"),
@@ -155,7 +170,7 @@ class GRPOConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
-        if self.num_generations < 2:
+        if self.num_generations < self.min_generations:
             raise ValueError(
                 f"num_generations must be >= 2, got {self.num_generations}: a group of one completion has no "
                 "advantage (its reward minus the group mean is 0)"
@@ -208,6 +223,11 @@ class GRPOConfig:
         )
 
     @property
+    def keeps_reference(self) -> bool:
+        """Whether the run keeps a frozen copy of the initial policy (the KL reference)."""
+        return self.beta > 0
+
+    @property
     def rows(self) -> int:
         """Completions per step: ``batch_size * num_generations``."""
         return self.batch_size * self.num_generations
@@ -231,7 +251,141 @@ class DAPOConfig(GRPOConfig):
     overlong_penalty_factor: float = 1.0
 
 
-ALGOS: dict[str, type[GRPOConfig]] = {"grpo": GRPOConfig, "dapo": DAPOConfig}
+_GRPO_OBJECTIVE = (
+    "loss_type",
+    "importance_sampling_level",
+    "scale_rewards",
+    "epsilon",
+    "epsilon_high",
+    "num_iterations",
+    "dynamic_sampling",
+    "filter_groups_metric",
+    "max_num_gen_batches",
+)
+"""GRPO objective fields that PPO and DPO do not read (they must keep their defaults there)."""
+
+
+def _check_unused(cfg: GRPOConfig, names: tuple[str, ...]) -> None:
+    defaults = GRPOConfig()
+    changed = [name for name in names if getattr(cfg, name) != getattr(defaults, name)]
+    if changed:
+        algo = ALGOS_BY_CLASS[type(cfg)]
+        raise ValueError(f"{', '.join(changed)}: GRPO options that {algo} does not use; leave them at their defaults")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class PPOConfig(GRPOConfig):
+    """PPO with a learned value model (Ouyang et al. 2022; option names from TRL's ``PPOConfig``): the math
+    reward at the last token, a per-token KL penalty to the initial policy in the reward, GAE over the
+    completion tokens, whitened advantages, and ``num_ppo_epochs`` passes of ``num_mini_batches`` clipped
+    updates of policy and value per rollout batch."""
+
+    min_generations = 1
+
+    num_generations: int = 1
+    """Completions sampled per prompt (PPO needs no group: 1 as in TRL; more samples the prompt again)."""
+    beta: float = 0.0
+    """Unused by PPO (its KL penalty is ``kl_coef``, in the reward); must stay 0."""
+    kl_coef: float = 0.05
+    """Weight of the per-token KL penalty to the initial policy, subtracted from the reward."""
+    kl_estimator: KLEstimator = "k1"
+    """Per-token KL estimate in the reward: k1 (``logp - ref``) or k3 (``exp(ref - logp) - (ref - logp) - 1``)."""
+    gamma: float = 1.0
+    """Discount over completion tokens."""
+    lam: float = 0.95
+    """GAE lambda."""
+    cliprange: float = 0.2
+    """Clip range of the policy ratio."""
+    cliprange_value: float = 0.2
+    """Clip range of the value prediction around the rollout's value."""
+    vf_coef: float = 0.1
+    """Weight of the value loss in the total loss."""
+    num_ppo_epochs: int = 4
+    """Passes over a rollout batch."""
+    num_mini_batches: int = 1
+    """Optimizer updates per pass (the rows are reshuffled every pass)."""
+    whiten_rewards: bool = False
+    """Whiten the per-token rewards over the batch before GAE."""
+    value_model: ValueModel = "separate"
+    """``separate``: a critic with its own Qwen2 trunk, initialised from the policy's (as in TRL);
+    ``shared``: a scalar head on the policy's trunk (half the memory; value gradients reach the policy)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_unused(self, _GRPO_OBJECTIVE)
+        if self.beta != 0:
+            raise ValueError(f"beta must be 0 for ppo (its KL weight is kl_coef), got {self.beta}")
+        for name in ("num_ppo_epochs", "num_mini_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("kl_coef", "cliprange", "cliprange_value", "vf_coef"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("gamma", "lam"):
+            if not 0 <= getattr(self, name) <= 1:
+                raise ValueError(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        choices = {"kl_estimator": ("k1", "k3"), "value_model": ("separate", "shared")}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        split = self.num_mini_batches * self.gradient_accumulation_steps
+        if self.rows % split:
+            raise ValueError(
+                f"batch_size * num_generations = {self.rows} completions do not split into num_mini_batches="
+                f"{self.num_mini_batches} x gradient_accumulation_steps={self.gradient_accumulation_steps} equal parts"
+            )
+
+    @property
+    def keeps_reference(self) -> bool:
+        return self.kl_coef > 0
+
+    @property
+    def updates_per_step(self) -> int:
+        """Optimizer updates per rollout batch."""
+        return self.num_ppo_epochs * self.num_mini_batches
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DPOConfig(GRPOConfig):
+    """DPO (Rafailov et al. 2023) and IPO (Azar et al. 2023) on preference pairs the run builds from its own
+    graded rollouts: per prompt, the first correct completion is chosen and the first incorrect one
+    rejected; prompts without both are counted and skipped. Option names from TRL's ``DPOConfig``."""
+
+    loss_types = get_args(DPOLossType)
+
+    num_generations: int = 4
+    """Completions sampled per prompt to find a correct and an incorrect one."""
+    beta: float = 0.1
+    """DPO's inverse temperature (IPO's regularisation tau): how far from the reference the policy may move."""
+    loss_type: DPOLossType = "sigmoid"  # type: ignore[assignment]
+    """``sigmoid`` (DPO) or ``ipo`` (squared loss on per-token-averaged log-ratios, as in TRL)."""
+    pairs: DPOPairs = "online"
+    """``online``: pairs sampled from the policy of the last refresh (iterative DPO); ``offline``: pairs
+    from the initial policy, built once per prompt and stored in the run directory (``pairs.jsonl``)."""
+    pair_refresh_steps: int = 1
+    """Online: steps between refreshes of the pair-sampling policy (1: always the current policy)."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_unused(self, tuple(name for name in _GRPO_OBJECTIVE if name != "loss_type"))
+        if self.beta <= 0:
+            raise ValueError(f"beta must be > 0 for dpo, got {self.beta}")
+        if self.pairs not in ("online", "offline"):
+            raise ValueError(f"pairs must be one of ('online', 'offline'), got {self.pairs!r}")
+        if self.pair_refresh_steps < 1:
+            raise ValueError(f"pair_refresh_steps must be >= 1, got {self.pair_refresh_steps}")
+        if self.batch_size % self.gradient_accumulation_steps:
+            raise ValueError(
+                f"batch_size={self.batch_size} pairs do not split into gradient_accumulation_steps="
+                f"{self.gradient_accumulation_steps} equal micro-batches"
+            )
+
+    @property
+    def keeps_reference(self) -> bool:
+        return True
+
+
+ALGOS: dict[str, type[GRPOConfig]] = {"grpo": GRPOConfig, "dapo": DAPOConfig, "ppo": PPOConfig, "dpo": DPOConfig}
 ALGOS_BY_CLASS = {cls: name for name, cls in ALGOS.items()}
 
 
@@ -252,12 +406,14 @@ def config_from_dict(raw: dict[str, Any]) -> GRPOConfig:
 def field_docs(cls: type) -> dict[str, str]:
     """Each field's doc line (the string literal under it in the class body), for ``--help``."""
     docs: dict[str, str] = {}
+    fields = {f.name for f in dataclasses.fields(cls)}
     for klass in reversed(cls.__mro__):
         if not dataclasses.is_dataclass(klass):
             continue
         body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
         for node, after in itertools.pairwise(body):
             is_doc = isinstance(after, ast.Expr) and isinstance(getattr(after, "value", None), ast.Constant)
-            if isinstance(node, ast.AnnAssign) and is_doc and isinstance(after.value.value, str):
+            documented = isinstance(node, ast.AnnAssign) and is_doc and isinstance(after.value.value, str)
+            if documented and node.target.id in fields:
                 docs[node.target.id] = " ".join(after.value.value.split())
     return docs

@@ -31,7 +31,7 @@ from flax import nnx
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from rl.config import GRPOConfig, config_from_dict
+from rl.config import DAPOConfig, GRPOConfig, config_from_dict
 from rl.rollout import logprobs_fn, rollout_sampling
 from rl.sharding import batch_sharding, make_mesh, tree_shardings
 from rl.step import init_state, jit_train_step, make_optimizer
@@ -108,6 +108,11 @@ class PlanSetting:
     extrapolates linearly per layer."""
 
     def __post_init__(self) -> None:
+        if type(self.config) not in (GRPOConfig, DAPOConfig):
+            raise ValueError(
+                f"the memory plan compiles GRPO / DAPO steps; {type(self.config).__name__} (the PPO value model, "
+                "DPO's pair batches) is not planned yet"
+            )
         if self.compile_layers < 0 or (self.compile_layers and self.layer_counts[1] > self.model.num_hidden_layers):
             raise ValueError(
                 f"compile_layers must be 0 or in [1, {self.model.num_hidden_layers // 2}] "

@@ -258,28 +258,20 @@ def _chunk_logprobs(args, w_DV: jax.Array, temperature: float):
     return picked_BC - lse_BC, entropy_BC
 
 
-def completion_logprobs(
+def completion_hidden(
     model: Qwen2,
     prompt_ids_BP: jax.Array,
     prompt_mask_BP: jax.Array,
     completion_ids_BN: jax.Array,
     completion_mask_BN: jax.Array,
     *,
-    temperature: float,
-    chunk: int = 64,
     remat: bool = False,
     attention_chunk: int = 0,
-) -> tuple[jax.Array, jax.Array]:
-    """Per-token log-probs and entropies of completions under ``model`` at ``temperature``.
-
-    One forward over ``[B, P + N]``, then the LM head and log-softmax over ``chunk`` positions at a time
-    under ``jax.checkpoint``: the largest float32 logits held, forward or backward, are ``[B, chunk, V]``.
-    ``remat`` recomputes each decoder block in the backward pass instead of keeping its activations;
-    ``attention_chunk`` > 0 attends that many queries at a time (bounded attention scores, same values).
-
-    Returns:
-      ``(logp_BN, entropy_BN)``; values off the completion mask are meaningless (mask them).
-    """
+) -> jax.Array:
+    """The final-norm hidden states that predict each completion token: one forward over ``[B, P + N]``,
+    positions ``P - 1 .. P + N - 2``, ``[B, N, D]`` in the model's dtype (the LM head's input, and a value
+    head's). ``remat`` recomputes each decoder block in the backward pass instead of keeping its
+    activations; ``attention_chunk`` > 0 attends that many queries at a time (bounded scores, same values)."""
     b, p = prompt_ids_BP.shape
     n = completion_ids_BN.shape[1]
     ids_BT = jnp.concatenate([prompt_ids_BP, completion_ids_BN], axis=1)
@@ -292,7 +284,16 @@ def completion_logprobs(
         remat=remat,
         attention_chunk=attention_chunk,
     )
-    x_BND = model.norm(x_BTD[:, p - 1 : p + n - 1])
+    return model.norm(x_BTD[:, p - 1 : p + n - 1])
+
+
+def hidden_logprobs(
+    model: Qwen2, x_BND: jax.Array, completion_ids_BN: jax.Array, *, temperature: float, chunk: int = 64
+) -> tuple[jax.Array, jax.Array]:
+    """Log-probs and entropies ``[B, N]`` (float32) of the tokens from :func:`completion_hidden`'s states: the
+    LM head and log-softmax over ``chunk`` positions at a time under ``jax.checkpoint``, so the largest
+    float32 logits held, forward or backward, are ``[B, chunk, V]``."""
+    b, n = completion_ids_BN.shape
     chunk = min(chunk, n)
     padded = -(-n // chunk) * chunk
     x_BND = jnp.pad(x_BND, ((0, 0), (0, padded - n), (0, 0)))
@@ -305,6 +306,36 @@ def completion_logprobs(
         logp_KBC.swapaxes(0, 1).reshape(b, padded)[:, :n],
         entropy_KBC.swapaxes(0, 1).reshape(b, padded)[:, :n],
     )
+
+
+def completion_logprobs(
+    model: Qwen2,
+    prompt_ids_BP: jax.Array,
+    prompt_mask_BP: jax.Array,
+    completion_ids_BN: jax.Array,
+    completion_mask_BN: jax.Array,
+    *,
+    temperature: float,
+    chunk: int = 64,
+    remat: bool = False,
+    attention_chunk: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """Per-token log-probs and entropies of completions under ``model`` at ``temperature``:
+    :func:`completion_hidden` then :func:`hidden_logprobs`.
+
+    Returns:
+      ``(logp_BN, entropy_BN)``; values off the completion mask are meaningless (mask them).
+    """
+    x_BND = completion_hidden(
+        model,
+        prompt_ids_BP,
+        prompt_mask_BP,
+        completion_ids_BN,
+        completion_mask_BN,
+        remat=remat,
+        attention_chunk=attention_chunk,
+    )
+    return hidden_logprobs(model, x_BND, completion_ids_BN, temperature=temperature, chunk=chunk)
 
 
 @functools.partial(

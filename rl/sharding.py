@@ -32,6 +32,8 @@ PARTITION_RULES: tuple[tuple[str, P], ...] = (
     (r"(gate_proj|up_proj)/kernel", P("fsdp", "tensor")),  # [D, F]
     (r"down_proj/kernel", P("tensor", "fsdp")),  # [F, D]
     (r"(layernorm|norm)/weight", P()),
+    (r"value_head/kernel", P("fsdp", None)),  # [D, 1], PPO's value head
+    (r"value_head/bias", P()),
 )
 
 

@@ -8,6 +8,7 @@ batch, so the same step runs on one device or on a mesh (see :mod:`rl.sharding`)
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -27,11 +28,15 @@ truncated rows zeroed when they are masked out), ``rewards_B``, and ``old_logp_B
 
 
 class TrainState(NamedTuple):
-    """Everything the update changes."""
+    """Everything the update changes, and what a checkpoint must hold besides."""
 
     params: nnx.State
+    """The trained parameters: the policy's, or for PPO ``{"policy", "value_head", "critic"}``."""
     opt_state: optax.OptState
     step: jax.Array
+    """Optimizer updates so far."""
+    frozen: Any = None
+    """Parameters the update passes through unchanged (online DPO's pair-sampling snapshot), or None."""
 
 
 def learning_rate(cfg: GRPOConfig) -> optax.Schedule:
@@ -130,16 +135,16 @@ def train_step(
     metrics["loss"] = weight * jnp.sum(per_micro["loss"])
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate(cfg)(state.step)
-    finite = jnp.isfinite(metrics["loss"]) & _all_finite((params, opt_state))
+    finite = jnp.isfinite(metrics["loss"]) & all_finite((params, opt_state))
     metrics["nonfinite"] = 1.0 - finite
-    new = TrainState(params, opt_state, state.step + 1)
+    new = state._replace(params=params, opt_state=opt_state, step=state.step + 1)
     if cfg.skip_nonfinite_steps:  # the update is dropped: the state stays as it was
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics["skipped_nonfinite"] = 1.0 - finite
     return new, metrics
 
 
-def _all_finite(tree) -> jax.Array:
+def all_finite(tree) -> jax.Array:
     """Whether every floating-point value in ``tree`` is finite (a scalar bool)."""
     leaves = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in leaves]))
@@ -152,10 +157,12 @@ def jit_train_step(
     *,
     state_shardings: Any = None,
     batch_shardings: Any = None,
+    step: Callable = train_step,
 ):
-    """:func:`train_step` jitted once for this model, config and optimizer; with shardings when given
-    (then the state is laid out by ``state_shardings`` on the way in and out, and donated)."""
-    fn = functools.partial(train_step, graphdef, cfg, optimizer)
+    """``step`` (:func:`train_step`, or PPO's / DPO's) jitted once for this model, config and optimizer;
+    with shardings when given (then the state is laid out by ``state_shardings`` on the way in and out,
+    and donated)."""
+    fn = functools.partial(step, graphdef, cfg, optimizer)
     if state_shardings is None:
         return jax.jit(fn, donate_argnums=0)
     return jax.jit(

@@ -38,18 +38,20 @@ from grain import python as grain
 from jax.experimental import multihost_utils
 from tqdm.auto import tqdm
 
-from rl.collect import GradedBatch, PromptQueue, collect, loss_mask, shaped_rewards
-from rl.config import GRPOConfig, config_from_dict
+from rl import dpo, dpo_step, ppo_step
+from rl.collect import GradedBatch, PromptQueue, RolloutStore, collect, loss_mask, shaped_rewards
+from rl.config import DPOConfig, GRPOConfig, PPOConfig, config_from_dict
 from rl.metrics import CompileCounter, MetricsLog
 from rl.rewards import RewardGrader, format_reward
 from rl.rollout import logprobs_fn, rollout, rollout_sampling, row_keys
 from rl.sharding import batch_sharding, make_mesh, shard_batch, tree_shardings
-from rl.step import TrainState, init_state, jit_train_step, make_optimizer
+from rl.step import TrainState, init_state, jit_train_step, make_optimizer, train_step
 from saerl_jax.data.problems import Problem, column_mapping, load_problems
 from saerl_jax.data.prompt import load_tokenizer, stop_ids
 from saerl_jax.engineering.planner import Plan
 from saerl_jax.errors import UserError
 from saerl_jax.model import load_pretrained, save_pretrained
+from saerl_jax.model.sampling import left_align
 from saerl_jax.pipeline import CurriculumSampler, ExternalDifficultySampler, ShuffleSampler, make_loader
 from saerl_jax.precision import Precision, cast_floating
 from saerl_jax.sft import greedy_accuracy
@@ -221,23 +223,38 @@ class Trainer:
             self.eval_rows = [{"question": p.question, "final_answer": p.final_answer} for p in rows]
         self.eos_ids, self.pad_id = stop_ids(self.tokenizer)
         model = load_pretrained(job.model, jnp.dtype(cfg.param_dtype))
-        self.graphdef, params = nnx.split(model)
+        self.graphdef, policy = nnx.split(model)
         self.mesh = make_mesh(*job.mesh)
         self.optimizer = make_optimizer(cfg)
+        step, params = train_step, policy
+        if isinstance(cfg, PPOConfig):
+            step, params = ppo_step.train_step, ppo_step.init_params(policy, model.config.hidden_size, cfg.value_model)
+        elif isinstance(cfg, DPOConfig):
+            step = dpo_step.train_step
         state = init_state(params, self.optimizer)
+        if isinstance(cfg, DPOConfig) and cfg.pairs == "online" and cfg.pair_refresh_steps > 1:
+            state = state._replace(frozen=jax.tree.map(jnp.copy, policy))
         self.state_shardings = tree_shardings(state, self.mesh)
         self.state = jax.device_put(state, self.state_shardings)
         self.ref_params = None
-        if cfg.beta > 0:  # a separate copy (the state's buffers are donated to every update), maybe narrower
-            self.ref_params = cast_floating(self.state.params, cfg.reference_dtype)
+        if cfg.keeps_reference:  # a separate copy (the state's buffers are donated to every update), maybe narrower
+            self.ref_params = cast_floating(self.policy(self.state.params), cfg.reference_dtype)
             if cfg.reference_dtype == cfg.param_dtype:
                 self.ref_params = jax.tree.map(jnp.copy, self.ref_params)
+        self.store = None
+        """Offline DPO: the initial policy's completions, sampled once per prompt (per host)."""
+        if isinstance(cfg, DPOConfig) and cfg.pairs == "offline":
+            host = "" if jax.process_count() == 1 else f".{jax.process_index()}"
+            name = f"offline_rollouts{host}.jsonl"
+            self.store = RolloutStore(job.out / name, cfg.max_completion_length, self.pad_id)
+            self.store_params = _host_params(cast_floating(self.ref_params, cfg.compute_dtype))
         self.step_fn = jit_train_step(
             self.graphdef,
             cfg,
             self.optimizer,
             state_shardings=self.state_shardings,
             batch_shardings=batch_sharding(self.mesh),
+            step=step,
         )
         if job.replan is not None and (job.sampler != "plan" or job.replan_steps < 1 or jax.process_count() > 1):
             raise UserError("re-planning needs sampler='plan', replan_steps >= 1 and a single process")
@@ -259,11 +276,15 @@ class Trainer:
         if self.resumed:
             self._restore(self.manager.latest_step())
         if jax.process_index() == 0:
-            reference = cfg.reference_dtype if cfg.beta > 0 else None
+            reference = cfg.reference_dtype if cfg.keeps_reference else None
             precision = Precision(
                 params=cfg.param_dtype, compute=cfg.compute_dtype, reference=reference, cache=cfg.cache_dtype
             )
             print(precision.describe(), flush=True)
+
+    def policy(self, params):
+        """The policy's part of a state's params (PPO's also hold the value model)."""
+        return params["policy"] if isinstance(self.cfg, PPOConfig) else params
 
     def _start_data(self, sampler) -> None:
         """A fresh data iterator and prompt queue over ``sampler``."""
@@ -386,11 +407,46 @@ class Trainer:
     def _decode(self, tokens_BN: np.ndarray) -> list[str]:
         return self.tokenizer.batch_decode(tokens_BN.tolist(), skip_special_tokens=True)
 
+    def _sampling_params(self):
+        """The parameters the step's completions are sampled from: the policy, or for online DPO refreshed
+        every ``pair_refresh_steps`` its snapshot of the last refresh."""
+        cfg, state = self.cfg, self.state
+        if isinstance(cfg, DPOConfig) and state.frozen is not None:
+            if self.step % cfg.pair_refresh_steps == 0:  # the snapshot goes into checkpoints with the state
+                self.state = state = state._replace(frozen=jax.tree.map(jnp.copy, state.params))
+            return state.frozen
+        return self.policy(state.params)
+
+    def _roll_stored(self, prompts: dict[str, np.ndarray], draw: int):
+        """Offline DPO's rollouts: each prompt's stored completions, sampled from the initial policy (keys
+        of the seed and the sample id alone) the first time the prompt is drawn."""
+        g, ids = self.cfg.num_generations, [str(i) for i in prompts["ids"]]
+        missing = sorted({k: None for k, i in enumerate(ids) if i not in self.store and i not in ids[:k]})
+        if missing:
+            sampled = rollout(
+                self.graphdef,
+                self.store_params,
+                prompts["input_ids"][missing],
+                prompts["attention_mask"][missing],
+                keys=row_keys(self.cfg.seed, 0, [ids[k] for k in missing], g),
+                num_generations=g,
+                sampling=self.sampling,
+                eos_ids=self.eos_ids,
+                pad_id=self.pad_id,
+                rows_per_call=self.cfg.rollout_batch_size,
+                engine=self.cfg.rollout_engine,
+            )
+            for j, k in enumerate(missing):
+                self.store.add(ids[k], sampled.select(slice(j * g, (j + 1) * g)))
+        width = prompts["input_ids"].shape[1]
+        ids_BP, mask_BP = left_align(np.asarray(prompts["input_ids"]), np.asarray(prompts["attention_mask"]), width)
+        return self.store.rollout(ids, np.repeat(ids_BP, g, axis=0), np.repeat(mask_BP, g, axis=0))
+
     def _collect(self) -> GradedBatch:
-        params = cast_floating(self.state.params, self.cfg.compute_dtype)  # sampled in compute dtype
+        params = cast_floating(self._sampling_params(), self.cfg.compute_dtype)  # sampled in compute dtype
         if self.cfg.rollout_engine == "static":  # the static sampler runs each host's rows on its own devices
             params = _host_params(params)
-        roll = functools.partial(self._roll, params=params)
+        roll = functools.partial(self._roll, params=params) if self.store is None else self._roll_stored
         grade = self.job.reward or self.grader
         reward_fn = functools.partial(shaped_rewards, cfg=self.cfg, grade=grade, format_reward=format_reward)
 
@@ -400,6 +456,8 @@ class Trainer:
         return collect(self.queue, self.cfg, roll, self._decode, reward_fn, full=full)
 
     def _batch(self, graded: GradedBatch) -> dict[str, jax.Array]:
+        if isinstance(self.cfg, DPOConfig):
+            return self._pair_batch(graded)
         r = graded.rollout
         host = {
             "prompt_ids_BP": r.prompt_ids_BP,
@@ -419,10 +477,32 @@ class Trainer:
             micro_batches=self.cfg.gradient_accumulation_steps,
             attention_chunk=self.cfg.attention_chunk,
         )
-        if self.cfg.beta > 0:
+        if self.cfg.keeps_reference:
             batch["ref_logp_BN"] = logp(self.ref_params, *args)
-        if self.cfg.num_iterations > 1:
-            batch["old_logp_BN"] = logp(self.state.params, *args)
+        if self.cfg.num_iterations > 1 or isinstance(self.cfg, PPOConfig):
+            batch["old_logp_BN"] = logp(self.policy(self.state.params), *args)
+        if isinstance(self.cfg, PPOConfig):
+            batch["old_values_BN"] = ppo_step.values_fn(
+                self.graphdef,
+                self.state.params,
+                *args,
+                compute_dtype=self.cfg.compute_dtype,
+                micro_batches=self.cfg.gradient_accumulation_steps,
+                attention_chunk=self.cfg.attention_chunk,
+            )
+        return batch
+
+    def _pair_batch(self, graded: GradedBatch) -> dict[str, jax.Array]:
+        """DPO: one pair per prompt of the graded rollout (first correct vs first incorrect completion),
+        with the reference's log-probs of both."""
+        r = graded.rollout
+        pairs = dpo.build_pairs(graded.correct_B, self.cfg.num_generations)
+        graded.stats["prompts_without_pair"] = int((~pairs.valid_K).sum())
+        host = dpo.pair_batch(r.prompt_ids_BP, r.prompt_mask_BP, r.completion_ids_BN, r.completion_mask_BN, pairs)
+        batch = shard_batch(host, self.mesh)
+        batch["ref_chosen_K"], batch["ref_rejected_K"] = dpo_step.reference_logps(
+            self.graphdef, self.ref_params, batch, self.cfg
+        )
         return batch
 
     def run_step(self) -> tuple[TrainState, dict[str, float], list[str]]:
@@ -463,7 +543,7 @@ class Trainer:
             }
             step, cfg = self.step + 1, self.cfg
             if self.eval_rows and (step == cfg.max_steps or (cfg.eval_steps and step % cfg.eval_steps == 0)):
-                row["eval_accuracy"], row["eval_correct"] = self.evaluate(state.params, per_problem=True)
+                row["eval_accuracy"], row["eval_correct"] = self.evaluate(self.policy(state.params), per_problem=True)
         row["compiles"], row["compile_s"] = float(compiled.compiles), compiled.seconds  # this process's
         self.compiles += compiled.compiles
         return state, row, graded.sample_ids
@@ -510,7 +590,7 @@ class Trainer:
     def evaluate(self, params=None, per_problem: bool = False):
         """Greedy accuracy on the held-out rows (math-verify, same reward as training) of ``params``
         (default: the current state's); with ``per_problem`` also each row's score (0 or 1), in order."""
-        params = self.state.params if params is None else params
+        params = self.policy(self.state.params) if params is None else params
         model = nnx.merge(self.graphdef, _host_params(params))
         accuracy, scores = greedy_accuracy(
             model,
@@ -524,7 +604,7 @@ class Trainer:
 
     def export(self, directory: Path) -> Path:
         """Writes the current policy as a Hugging Face directory (config, safetensors, tokenizer)."""
-        model = nnx.merge(self.graphdef, jax.tree.map(np.asarray, _host_params(self.state.params)))
+        model = nnx.merge(self.graphdef, jax.tree.map(np.asarray, _host_params(self.policy(self.state.params))))
         if jax.process_index() == 0:
             save_pretrained(model, directory)
             self.tokenizer.save_pretrained(directory)

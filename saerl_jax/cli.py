@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from rl.config import ALGOS, ROLLOUT_ENGINES, DAPOConfig, GRPOConfig, field_docs
+from rl.config import ALGOS, ROLLOUT_ENGINES, GRPOConfig, field_docs
 from rl.evaluate import EvalJob, run_eval
 from rl.trainer import TrainJob, run_train
 from sae.job import TrainSAEJob, run_train_sae
@@ -196,7 +196,7 @@ def _report_parser(sub) -> None:
 
 
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="GRPO / DAPO training of a Qwen2 model on a problem file")
+    p = sub.add_parser("train", help="GRPO / DAPO / PPO / DPO training of a Qwen2 model on a problem file")
     _add_config_option(p)
     p.add_argument("--algo", choices=sorted(ALGOS), default="grpo", help="algorithm and its defaults (%(default)s)")
     p.add_argument("--model", type=Path, help="local HF Qwen2 directory: the initial policy")
@@ -228,17 +228,31 @@ def _train_parser(sub) -> None:
     p.add_argument("--coordinator", help="multi-host: HOST:PORT of process 0 (jax.distributed)")
     p.add_argument("--num-processes", type=int, help="multi-host: number of processes")
     p.add_argument("--process-id", type=int, help="multi-host: this process")
-    algo = p.add_argument_group("algorithm (defaults shown as grpo / dapo)")
-    grpo, dapo = GRPOConfig(), DAPOConfig()
-    for name, doc in field_docs(DAPOConfig).items():
-        default = getattr(grpo, name)
+    algo = p.add_argument_group("algorithm options (defaults shown per algorithm, e.g. grpo=... dapo=...)")
+    defaults = {name: cls() for name, cls in ALGOS.items()}
+    for name, doc in _algo_field_docs().items():
+        owners = {algo: getattr(config, name) for algo, config in defaults.items() if hasattr(config, name)}
+        default = next(iter(owners.values()))
         kind = {bool: _bool, int: int, float: float}.get(type(default), str)
         if name == "epsilon_high":
             kind = float
-        shown = f"{default} / {getattr(dapo, name)}".replace("%", "%%")
+        shown = " ".join(f"{algo}={value}" for algo, value in owners.items()).replace("%", "%%")
         flag = "--" + name.replace("_", "-")
         algo.add_argument(flag, type=kind, metavar=name.upper(), help=f"{doc} ({shown})")
     p.set_defaults(run=_run_train)
+
+
+def _algo_field_docs() -> dict[str, str]:
+    """Every algorithm's config fields and their doc lines; a field an algorithm documents its own way
+    gets each meaning, prefixed by the algorithms it belongs to."""
+    meanings: dict[str, dict[str, list[str]]] = {}
+    for algo, cls in ALGOS.items():
+        for name, doc in field_docs(cls).items():
+            meanings.setdefault(name, {}).setdefault(doc, []).append(algo)
+    return {
+        name: next(iter(docs)) if len(docs) == 1 else " | ".join(f"{'/'.join(a)}: {d}" for d, a in docs.items())
+        for name, docs in meanings.items()
+    }
 
 
 def _bool(text: str) -> bool:
@@ -252,7 +266,7 @@ def _run_train(args: argparse.Namespace) -> None:
         from rl.distributed import initialize
 
         initialize(args.coordinator, args.num_processes, args.process_id)
-    overrides = {name: getattr(args, name) for name in field_docs(DAPOConfig) if getattr(args, name) is not None}
+    overrides = {name: getattr(args, name) for name in _algo_field_docs() if getattr(args, name) is not None}
     try:
         config = ALGOS[args.algo](**overrides)
     except ValueError as err:
@@ -318,7 +332,7 @@ def _plan_memory_parser(sub) -> None:
     p.add_argument("--model-config", type=Path, help="HF config.json of the model (or its directory); no weights")
     p.add_argument("--devices", type=int, default=1, help="devices simulated on the host CPU (%(default)s)")
     p.add_argument("--mesh", type=int, nargs=3, default=[-1, 1, 1], metavar=("DATA", "FSDP", "TENSOR"))
-    p.add_argument("--algo", choices=sorted(ALGOS), default="grpo", help="algorithm and its defaults (%(default)s)")
+    p.add_argument("--algo", choices=["dapo", "grpo"], default="grpo", help="algorithm and its defaults (%(default)s)")
     p.add_argument("--param-dtype", default="float32", help="parameter dtype (%(default)s)")
     p.add_argument("--compile-layers", type=int, default=0, help="compile k and 2k layers, extrapolate (0: all)")
     p.add_argument(

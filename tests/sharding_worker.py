@@ -5,7 +5,8 @@ Run by ``tests/test_sharding.py`` in a fresh process with 8 host devices
 
     python tests/sharding_worker.py OUT.npz [MESH ...]      # MESH: 1x1x1, 8x1x1, 2x2x2, 1x4x2 (default all)
 
-For each loss (grpo with a KL term, dapo with an older policy) and mesh, writes ``{loss}/{mesh}/loss``,
+For each loss (grpo with a KL term, dapo with an older policy, ppo with a separate critic and a KL penalty,
+dpo on pairs with a padding pair) and mesh, writes ``{loss}/{mesh}/loss``,
 ``.../grad_norm``... (one value per step), ``{loss}/{mesh}/param/{path}`` (final params) and how ``q_proj``
 and the embedding are laid out after the steps; and ``{loss}/initial/{path}``.
 """
@@ -18,16 +19,19 @@ import jax
 import numpy as np
 from flax import nnx
 
-from rl.config import DAPOConfig, GRPOConfig
+from rl import dpo_step, ppo_step
+from rl.config import DAPOConfig, DPOConfig, GRPOConfig, PPOConfig
 from rl.rollout import logprobs_fn
 from rl.sharding import batch_sharding, make_mesh, path_name, shard_batch, tree_shardings
-from rl.step import init_state, jit_train_step, make_optimizer
+from rl.step import init_state, jit_train_step, make_optimizer, train_step
 from saerl_jax.model import Qwen2, Qwen2Config
 
 MESHES = {"1x1x1": (1, 1, 1), "8x1x1": (8, 1, 1), "2x2x2": (2, 2, 2), "1x4x2": (1, 4, 2)}
 STEPS = 2
 PROMPTS, G, P, N = 4, 4, 8, 12
 WATCHED = ("layers/0/self_attn/q_proj/kernel", "embed_tokens/embedding")
+LOSSES = ("grpo", "dapo", "ppo", "dpo")
+STEP_FNS = {"grpo": train_step, "dapo": train_step, "ppo": ppo_step.train_step, "dpo": dpo_step.train_step}
 
 
 def make_config(loss_type: str) -> GRPOConfig:
@@ -42,6 +46,10 @@ def make_config(loss_type: str) -> GRPOConfig:
     )
     if loss_type == "grpo":  # remat (a scan over the blocks) and chunked attention under every mesh too
         return GRPOConfig(beta=0.04, remat=True, attention_chunk=8, **common)
+    if loss_type == "ppo":
+        return PPOConfig(**{**common, "num_generations": G}, kl_coef=0.1, num_ppo_epochs=2, num_mini_batches=2)
+    if loss_type == "dpo":
+        return DPOConfig(**{**common, "num_generations": G, "gradient_accumulation_steps": 2})
     return DAPOConfig(num_iterations=2, overlong_buffer_len=4, **common)
 
 
@@ -54,7 +62,7 @@ def make_model(loss_type: str) -> Qwen2:
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
-        tie_word_embeddings=loss_type == "dapo",
+        tie_word_embeddings=loss_type in ("dapo", "dpo"),
     )
     return Qwen2(config, rngs=nnx.Rngs(0))
 
@@ -85,23 +93,50 @@ def make_batch(graphdef, params, cfg: GRPOConfig) -> dict[str, np.ndarray]:
     logp_BN = np.asarray(logprobs_fn(graphdef, params, *args, temperature=cfg.temperature))
     if cfg.beta > 0:
         batch["ref_logp_BN"] = (logp_BN + 0.1 * rng.standard_normal(logp_BN.shape)).astype(np.float32)
-    if cfg.num_iterations > 1:  # an older policy, far enough for some ratios to clip
+    if cfg.num_iterations > 1 or isinstance(cfg, PPOConfig):  # an older policy, far enough for some ratios to clip
         batch["old_logp_BN"] = (logp_BN + 0.3 * rng.standard_normal(logp_BN.shape)).astype(np.float32)
+    if isinstance(cfg, PPOConfig):
+        batch["ref_logp_BN"] = (logp_BN + 0.1 * rng.standard_normal(logp_BN.shape)).astype(np.float32)
+        batch["old_values_BN"] = rng.standard_normal(logp_BN.shape).astype(np.float32) * loss_mask_BN
+    if isinstance(cfg, DPOConfig):  # the first two rows of each group as (chosen, rejected); group 1 no pair
+        chosen, rejected = np.arange(PROMPTS) * G, np.arange(PROMPTS) * G + 1
+        pair_mask_K = np.array([1, 0, 1, 1], np.int32)
+        return {
+            "prompt_ids_KP": prompt_ids_BP[chosen],
+            "prompt_mask_KP": prompt_mask_BP[chosen],
+            "chosen_ids_KN": completion_ids_BN[chosen],
+            "chosen_mask_KN": loss_mask_BN[chosen] * pair_mask_K[:, None],
+            "rejected_ids_KN": completion_ids_BN[rejected],
+            "rejected_mask_KN": loss_mask_BN[rejected] * pair_mask_K[:, None],
+            "pair_mask_K": pair_mask_K,
+            "ref_chosen_K": -rng.uniform(20, 40, PROMPTS).astype(np.float32),
+            "ref_rejected_K": -rng.uniform(20, 40, PROMPTS).astype(np.float32),
+        }
     return batch
 
 
 def run(loss_type: str, name: str, shape: tuple[int, int, int]) -> dict[str, np.ndarray]:
     cfg = make_config(loss_type)
-    graphdef, params = nnx.split(make_model(loss_type))
-    initial = {path_name(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
+    model = make_model(loss_type)
+    graphdef, params = nnx.split(model)
     batch = make_batch(graphdef, params, cfg)
+    if loss_type == "ppo":
+        params = ppo_step.init_params(params, model.config.hidden_size, "separate")
+    initial = {path_name(path): np.asarray(leaf) for path, leaf in jax.tree_util.tree_leaves_with_path(params)}
     devices = jax.devices()[: int(np.prod(shape))]
     mesh = make_mesh(*shape, devices=devices)
     optimizer = make_optimizer(cfg)
     state = init_state(params, optimizer)
     shardings = tree_shardings(state, mesh)
     state = jax.device_put(state, shardings)
-    step_fn = jit_train_step(graphdef, cfg, optimizer, state_shardings=shardings, batch_shardings=batch_sharding(mesh))
+    step_fn = jit_train_step(
+        graphdef,
+        cfg,
+        optimizer,
+        state_shardings=shardings,
+        batch_shardings=batch_sharding(mesh),
+        step=STEP_FNS[loss_type],
+    )
     out: dict[str, np.ndarray] = {}
     history: dict[str, list[float]] = {}
     for _ in range(STEPS):
@@ -112,10 +147,11 @@ def run(loss_type: str, name: str, shape: tuple[int, int, int]) -> dict[str, np.
     for path, leaf in jax.tree_util.tree_leaves_with_path(state.params):
         param = path_name(path)
         out[f"{name}/param/{param}"] = np.asarray(leaf)
-        if param in WATCHED:
-            out[f"{name}/spec/{param}"] = np.array(str(leaf.sharding.spec))
-            out[f"{name}/shards/{param}"] = np.array([s.data.shape for s in leaf.addressable_shards])
-            out[f"{name}/devices/{param}"] = np.array(len(leaf.sharding.device_set))
+        watched = param.removeprefix("policy/")  # PPO's policy; its critic follows the same rules
+        if watched in WATCHED:
+            out[f"{name}/spec/{watched}"] = np.array(str(leaf.sharding.spec))
+            out[f"{name}/shards/{watched}"] = np.array([s.data.shape for s in leaf.addressable_shards])
+            out[f"{name}/devices/{watched}"] = np.array(len(leaf.sharding.device_set))
     out.update({f"initial/{param}": value for param, value in initial.items()})
     return out
 
@@ -127,7 +163,7 @@ def main(path: str, *meshes: str) -> None:
     if unknown:
         raise SystemExit(f"unknown mesh(es) {sorted(unknown)}: choose from {sorted(MESHES)}")
     out: dict[str, np.ndarray] = {}
-    for loss_type in ("grpo", "dapo"):
+    for loss_type in LOSSES:
         for name in meshes or MESHES:
             shape = MESHES[name]
             out.update({f"{loss_type}/{key}": value for key, value in run(loss_type, name, shape).items()})

@@ -31,7 +31,14 @@ TRAIN_WORKER = Path(__file__).with_name("multihost_worker.py")
 MESHES = ("2x2x2", "8x1x1", "1x4x2")
 FAST_MESH = "2x2x2"
 """The mesh ``make test`` checks (all three axes at once); the others run under ``make test-slow``."""
-LOSSES = ("grpo", "dapo")
+LOSSES = ("grpo", "dapo", "ppo", "dpo")
+METRICS = {
+    "grpo": {"loss", "grad_norm", "kl", "entropy", "clip_region"},
+    "dapo": {"loss", "grad_norm", "kl", "entropy", "clip_region"},
+    "ppo": {"loss", "grad_norm", "kl", "entropy", "pg_clipfrac", "vf_loss", "vf_clipfrac", "return_mean"},
+    "dpo": {"loss", "grad_norm", "entropy", "chosen_rewards", "reward_accuracy", "pairs"},
+}
+"""Metrics each loss must report (at least)."""
 TOL = 1e-5
 
 # What each Qwen2 tensor gets: embedding [V, D] and the LM head [D, V] split on V by tensor and D by fsdp;
@@ -199,7 +206,7 @@ def _tree(runs, prefix):
 def test_sharded_step_matches_one_device(sharded_runs, loss, mesh):
     runs = _tree(sharded_runs, f"{loss}/")
     one, many = _series(runs, "1x1x1"), _series(runs, mesh)
-    assert set(many) == set(one) >= {"loss", "grad_norm", "kl", "entropy", "clip_region"}
+    assert set(many) == set(one) >= METRICS[loss]
     for name in one:
         np.testing.assert_allclose(many[name], one[name], rtol=0, atol=TOL, err_msg=name)
     initial = _tree(runs, "initial/")

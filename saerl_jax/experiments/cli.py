@@ -33,13 +33,18 @@ def add_study_args(parser: argparse.ArgumentParser, *, out: Path) -> None:
     """Everything :class:`~saerl_jax.experiments.config.StudyConfig` takes."""
     add_source_args(parser, out=out)
     b = Budget()
-    group = parser.add_argument_group("GRPO budget (the same for every arm) and evaluation")
+    group = parser.add_argument_group("RL budget (the same for every arm) and evaluation")
+    group.add_argument(
+        "--algo", choices=["grpo", "ppo", "dpo"], default=b.algo, help="RL algorithm of every arm (%(default)s)"
+    )
     group.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="GRPO seeds (default: 0 1 2)")
     group.add_argument("--steps", type=int, default=b.steps, help="GRPO steps per run (default: %(default)s)")
     group.add_argument("--batch-size", type=int, default=b.batch_size, help="prompts per step and plan batch size")
     group.add_argument("--generations", type=int, default=b.num_generations, help="completions per prompt (G)")
     group.add_argument("--lr", type=float, default=b.learning_rate, help="learning rate (default: %(default)s)")
-    group.add_argument("--beta", type=float, default=b.beta, help="KL weight (default: %(default)s)")
+    group.add_argument(
+        "--beta", type=float, default=b.beta, help="GRPO's KL weight, PPO's kl_coef, DPO's beta (%(default)s)"
+    )
     group.add_argument("--max-prompt-length", type=int, default=b.max_prompt_length, help="prompt tokens")
     group.add_argument(
         "--max-completion-length", type=int, default=b.max_completion_length, help="completion tokens, also in eval"
@@ -77,6 +82,7 @@ def sources_from(args: argparse.Namespace) -> Sources:
 def study_options(args: argparse.Namespace) -> dict:
     """Keyword arguments of :class:`~saerl_jax.experiments.config.StudyConfig` from :func:`add_study_args`."""
     budget = Budget(
+        algo=args.algo,
         steps=args.steps,
         batch_size=args.batch_size,
         num_generations=args.generations,

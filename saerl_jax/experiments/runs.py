@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Literal
 
 from rl.benchmarks import EvalProblem
-from rl.config import GRPOConfig
+from rl.config import ALGOS, GRPOConfig
 from rl.evaluate import evaluate
 from rl.metrics import read_evals, read_metrics
 from rl.trainer import TrainJob, run_train
@@ -44,8 +44,10 @@ BENCH = "held_out"
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class Budget:
-    """The GRPO budget and held-out evaluation every arm of an experiment shares."""
+    """The RL budget and held-out evaluation every arm of an experiment shares."""
 
+    algo: Literal["grpo", "ppo", "dpo"] = "grpo"
+    """The RL algorithm of every arm (PPO and DPO with their defaults for what is not set here)."""
     steps: int = 200
     """GRPO steps per run."""
     batch_size: int = 8
@@ -55,7 +57,7 @@ class Budget:
     learning_rate: float = 2e-5
     """AdamW learning rate."""
     beta: float = 0.04
-    """KL weight to the initial policy."""
+    """KL weight to the initial policy: GRPO's ``beta``, PPO's ``kl_coef``; DPO's ``beta``."""
     max_prompt_length: int = 128
     """Prompt tokens (left-padded)."""
     max_completion_length: int = 64
@@ -73,16 +75,19 @@ class Budget:
         for name in ("steps", "batch_size", "num_generations", "max_prompt_length", "max_completion_length"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.algo not in ("grpo", "ppo", "dpo"):
+            raise ValueError(f"algo must be one of ('grpo', 'ppo', 'dpo'), got {self.algo!r}")
         if self.eval_steps < 0 or self.eval_limit < 1 or self.k < 1 or self.temperature <= 0:
             raise ValueError("need eval_steps >= 0, eval_limit >= 1, k >= 1 and temperature > 0")
 
-    def grpo_config(self, seed: int) -> GRPOConfig:
+    def train_config(self, seed: int) -> GRPOConfig:
         """The trainer's config for one seed (a checkpoint at every evaluation)."""
-        return GRPOConfig(
+        kl = {"grpo": {"beta": self.beta}, "ppo": {"kl_coef": self.beta}, "dpo": {"beta": self.beta}}[self.algo]
+        return ALGOS[self.algo](
+            **kl,
             batch_size=self.batch_size,
             num_generations=self.num_generations,
             learning_rate=self.learning_rate,
-            beta=self.beta,
             max_prompt_length=self.max_prompt_length,
             max_completion_length=self.max_completion_length,
             max_steps=self.steps,
@@ -208,7 +213,10 @@ def _settings(exp: Experiment, data: Path | None = None, **extra) -> dict:
     data = {"path": data, "hash": file_hash(data)}
     held = {"path": exp.eval_data, "hash": file_hash(exp.eval_data)}
     model = {"path": exp.model, "hash": file_hash(exp.model / "config.json", *sorted(exp.model.glob("*.safetensors")))}
-    return _normal({"model": model, "data": data, "eval_data": held, "budget": dataclasses.asdict(exp.budget), **extra})
+    budget = dataclasses.asdict(exp.budget)
+    if budget["algo"] == "grpo":  # runs recorded before PPO / DPO name no algorithm: they are GRPO runs
+        del budget["algo"]
+    return _normal({"model": model, "data": data, "eval_data": held, "budget": budget, **extra})
 
 
 def _without_settings(result: dict) -> dict:
@@ -279,7 +287,7 @@ def run_arm(arm: Arm, seed: int, exp: Experiment, base_accuracy: float, tokenize
         tokenizer=exp.tokenizer,
         data=arm.data or exp.data,
         out=run_dir,
-        config=exp.budget.grpo_config(seed),
+        config=exp.budget.train_config(seed),
         sampler=arm.sampler,
         plan=arm.plan,
         replan=arm.replan,
