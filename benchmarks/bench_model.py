@@ -1,4 +1,4 @@
-"""Throughput of saerl-jax's Qwen2 against the transformers reference, on CPU in float32.
+"""Throughput of saerl-jax's Qwen2 against the transformers reference (CPU and float32 unless told otherwise).
 
 A random Qwen2-shaped model (vocab 32,000, hidden 512, MLP 2,048, 8 layers, 8 query / 2 key-value
 heads, untied embeddings as in Qwen2.5-1.5B and larger: about 63M parameters) is built with
@@ -14,10 +14,13 @@ so both sides hold identical weights. On the same left-padded random batches it 
    which is never sampled; transformers gets no EOS at all, and no top-k).
 
 The first call of each JAX function compiles; it is reported apart and excluded from throughput,
-which is the median of ``--repeats`` timed calls after ``--warmup`` calls. Run it with::
+which is the median of ``--repeats`` timed calls after ``--warmup`` calls. JAX runs on its default
+device; transformers on ``--device``. Both sides hold the weights in ``--dtype`` (bfloat16 is for
+accelerators: it is very slow on CPU). Run it with::
 
     .venv/bin/python benchmarks/bench_model.py            # defaults: a few minutes on 2 cores
     .venv/bin/python benchmarks/bench_model.py --quick    # smaller model and batches, seconds
+    python benchmarks/bench_model.py --device cuda --dtype bfloat16   # on a GPU
 """
 
 from __future__ import annotations
@@ -49,6 +52,11 @@ ARCH = dict(
 )
 QUICK_ARCH = dict(ARCH, vocab_size=2048, hidden_size=128, intermediate_size=512, num_hidden_layers=4)
 QUICK_ARGS = dict(batch_size=2, seq_len=32, new_tokens=8, prompt_len=16, repeats=2, warmup=1)
+DTYPES = {"float32": (jnp.float32, torch.float32), "bfloat16": (jnp.bfloat16, torch.bfloat16)}
+"""``--dtype`` -> (JAX dtype, torch dtype) of the weights and activations on both sides."""
+CAPTURE_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.1}
+"""Largest accepted ``max |ours - transformers|`` of the captured states: absolute in float32, a fraction of
+``max |x|`` in bfloat16 (8-bit mantissa, rounded differently on the two sides)."""
 
 
 def parse_args() -> argparse.Namespace:
@@ -62,6 +70,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=5, help="timed calls; the median is reported")
     parser.add_argument("--warmup", type=int, default=2, help="untimed calls first (>= 1, the first compiles)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device of transformers")
+    parser.add_argument("--dtype", choices=tuple(DTYPES), default="float32", help="weights on both sides")
     parser.add_argument("--quick", action="store_true", help="small model and sizes for a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -85,7 +95,7 @@ def left_padded_batch(batch: int, length: int, vocab: int, seed: int) -> tuple[n
 def time_calls(fn: Callable[[], object], warmup: int, repeats: int) -> tuple[float, float]:
     """Seconds of the first call (compile included) and median seconds of the timed calls.
 
-    ``fn`` must return only once its work is done (block on JAX outputs inside it).
+    ``fn`` must return only once its work is done (block on JAX outputs, synchronize CUDA inside it).
     """
     start = time.perf_counter()
     fn()
@@ -114,7 +124,7 @@ def bench_forward(args: argparse.Namespace, model: Qwen2, hf_model: transformers
     ids_BT, mask_BT = left_padded_batch(args.batch_size, args.seq_len, model.config.vocab_size, seed=0)
     graphdef, state = nnx.split(model)
     ids_j, mask_j = jnp.asarray(ids_BT, jnp.int32), jnp.asarray(mask_BT, jnp.int32)
-    ids_t, mask_t = torch.from_numpy(ids_BT), torch.from_numpy(mask_BT)
+    ids_t, mask_t = torch.from_numpy(ids_BT).to(args.device), torch.from_numpy(mask_BT).to(args.device)
 
     def ours() -> jax.Array:
         return forward_fn(graphdef, state, ids_j, mask_j, capture_layer=layer).block_until_ready()
@@ -124,17 +134,21 @@ def bench_forward(args: argparse.Namespace, model: Qwen2, hf_model: transformers
 
     def theirs() -> torch.Tensor:
         with torch.inference_mode():
-            return hf_model(ids_t, attention_mask=mask_t, output_hidden_states=True).hidden_states[layer]
+            hidden = hf_model(ids_t, attention_mask=mask_t, output_hidden_states=True).hidden_states[layer]
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        return hidden
 
     real = mask_BT.astype(bool)
-    expected = theirs().numpy()[real]
+    expected = theirs().float().cpu().numpy()[real]
     start = time.perf_counter()
-    captured = np.asarray(ours())[real]
+    captured = np.asarray(ours(), np.float32)[real]
     compile_s = time.perf_counter() - start
     diff = float(np.max(np.abs(captured - expected)))
     scale = float(np.max(np.abs(expected)))
     print(f"capture check: max |ours - transformers| = {diff:.2e} over real tokens (max |x| = {scale:.2f})")
-    assert diff < 1e-3, f"captured hidden states differ by {diff}: the timings would compare different work"
+    tolerance = CAPTURE_TOLERANCE[args.dtype] * (1.0 if args.dtype == "float32" else scale)
+    assert diff < tolerance, f"captured hidden states differ by {diff}: the timings would compare different work"
 
     tokens = args.batch_size * args.seq_len
     their_s = time_calls(theirs, args.warmup, args.repeats)[1]
@@ -150,7 +164,7 @@ def bench_generate(
     """Times ``generate`` against ``model.generate`` at one temperature (0 is greedy)."""
     ids_BT, mask_BT = left_padded_batch(args.batch_size, args.prompt_len, model.config.vocab_size, seed=1)
     n, vocab = args.new_tokens, model.config.vocab_size
-    ids_t, mask_t = torch.from_numpy(ids_BT), torch.from_numpy(mask_BT)
+    ids_t, mask_t = torch.from_numpy(ids_BT).to(args.device), torch.from_numpy(mask_BT).to(args.device)
     hf_sampling = {"do_sample": True, "temperature": temperature, "top_p": 1.0, "top_k": 0} if temperature else {}
     last: dict[str, np.ndarray] = {}
 
@@ -165,7 +179,7 @@ def bench_generate(
             out = hf_model.generate(
                 ids_t, attention_mask=mask_t, max_new_tokens=n, eos_token_id=None, pad_token_id=0, **hf_sampling
             )
-        last["theirs"] = out[:, ids_BT.shape[1] :].numpy()
+        last["theirs"] = out[:, ids_BT.shape[1] :].cpu().numpy()
 
     their_s = time_calls(theirs, args.warmup, args.repeats)[1]
     first_s, our_s = time_calls(ours, args.warmup, args.repeats)
@@ -186,13 +200,18 @@ def main() -> None:
     torch.manual_seed(0)
     hf_config = transformers.Qwen2Config(**(QUICK_ARCH if args.quick else ARCH))
     hf_model = transformers.Qwen2ForCausalLM(hf_config).eval()
+    jax_dtype, torch_dtype = DTYPES[args.dtype]
     with tempfile.TemporaryDirectory() as directory:
         hf_model.save_pretrained(directory)
-        model = load_pretrained(directory)
+        model = load_pretrained(directory, dtype=jax_dtype)
+    hf_model.to(device=args.device, dtype=torch_dtype)
     layer = model.config.num_hidden_layers - 2 if args.layer is None else args.layer
     print(f"config: {model.config}")
-    print(f"parameters: {sum(p.numel() for p in hf_model.parameters()):,} (float32)")
-    print(f"torch threads: {torch.get_num_threads()}, attention: {hf_model.config._attn_implementation}")
+    print(f"parameters: {sum(p.numel() for p in hf_model.parameters()):,} ({args.dtype})")
+    print(
+        f"torch {torch.__version__} on {args.device}, threads: {torch.get_num_threads()}, "
+        f"attention: {hf_model.config._attn_implementation}"
+    )
     print(f"jax device: {jax.devices()[0]} ({jax.default_backend()}), jax {jax.__version__}")
     print(f"batch {args.batch_size}, repeats {args.repeats} (median), warmup {args.warmup}")
     bench_forward(args, model, hf_model, layer)

@@ -12,10 +12,15 @@ transformers' batch):
 
 Each sampler's throughput is useful tokens (completion tokens up to the first EOS) per second, the median
 of ``--repeats`` timed runs after a compiling one. The static and continuous engines draw the same tokens
-(checked here); transformers draws its own (same model and distribution, another generator). Run::
+(checked here); transformers draws its own (same model and distribution, another generator). Everything is
+float32; JAX runs on its default device, transformers on ``--device``. Run::
 
     .venv/bin/python benchmarks/bench_rollout.py           # a few minutes on 2 cores
     .venv/bin/python benchmarks/bench_rollout.py --quick   # seconds
+    JAX_DEFAULT_MATMUL_PRECISION=highest python benchmarks/bench_rollout.py --device cuda   # on a GPU
+
+On a GPU, XLA's default float32 matmuls round their inputs to TF32 (torch's do not), which breaks near-ties
+differently at the two engines' batch shapes; ``highest`` keeps float32 so the engines' tokens can agree.
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--max-new-tokens", type=int, default=256, help="completion budget N")
     parser.add_argument("--sync-steps", type=int, default=8, help="engine decode steps between host visits")
     parser.add_argument("--repeats", type=int, default=2, help="timed runs; the median is reported")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device of transformers")
     parser.add_argument("--quick", action="store_true", help="few prompts and a short budget")
     args = parser.parse_args()
     if args.quick:
@@ -90,7 +96,7 @@ def bench(name: str, directory: Path, ids, mask, sample_ids, eos, pad, args) -> 
     def continuous():
         return generate_continuous(graphdef, params, ids_W, mask_W, keys, engine=engine, **common)
 
-    hf = transformers.Qwen2ForCausalLM.from_pretrained(directory, torch_dtype=torch.float32).eval()
+    hf = transformers.Qwen2ForCausalLM.from_pretrained(directory, dtype=torch.float32).to(args.device).eval()
 
     def theirs():
         lengths = []
@@ -98,8 +104,8 @@ def bench(name: str, directory: Path, ids, mask, sample_ids, eos, pad, args) -> 
             rows = slice(start, start + args.slots)
             with torch.inference_mode():
                 out = hf.generate(
-                    torch.from_numpy(ids_W[rows]).long(),
-                    attention_mask=torch.from_numpy(mask_W[rows]).long(),
+                    torch.from_numpy(ids_W[rows]).long().to(args.device),
+                    attention_mask=torch.from_numpy(mask_W[rows]).long().to(args.device),
                     max_new_tokens=args.max_new_tokens,
                     do_sample=True,
                     temperature=1.0,
@@ -107,8 +113,8 @@ def bench(name: str, directory: Path, ids, mask, sample_ids, eos, pad, args) -> 
                     top_p=1.0,
                     eos_token_id=list(eos),
                     pad_token_id=pad,
-                )[:, ids_W.shape[1] :].numpy()
-            ended = np.isin(out, eos)
+                )[:, ids_W.shape[1] :]
+            ended = np.isin(out.cpu().numpy(), eos)
             lengths += [int(np.argmax(r)) + 1 if r.any() else out.shape[1] for r in ended]
         return np.asarray(lengths)
 
@@ -138,7 +144,7 @@ def bench(name: str, directory: Path, ids, mask, sample_ids, eos, pad, args) -> 
 
 def main() -> None:
     args = parse_args()
-    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, float32")
+    print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__} on {args.device}, float32")
     tokenizer = load_tokenizer(ASSETS / "tokenizer")
     eos, pad = stop_ids(tokenizer)
     ids, mask, sample_ids = tiny_math_prompts(tokenizer, args.prompts)

@@ -108,6 +108,36 @@ class Slots(NamedTuple):
     mask_SN: jax.Array
 
 
+class _Graph:
+    """A GraphDef and the tree structure of its state, as a static ``jax.jit`` argument hashed by the
+    graph's identity; the state then travels as its flat list of arrays.
+
+    Both save host time on every call of the engine's programs, which on a GPU is more than a decode
+    round's compute: jit hashes its static arguments on every call, and a GraphDef's own hash walks the
+    whole graph (1.7 ms a call for the tiny-math model); flattening an ``nnx.State`` runs Python per
+    variable (about 1 ms), a list of arrays does not. jit's cache holds the first wrapper, so the graph it
+    names stays alive and its id cannot be reused by another graph while the entry exists.
+    """
+
+    __slots__ = ("graphdef", "treedef")
+
+    def __init__(self, graphdef: nnx.GraphDef, treedef):
+        self.graphdef, self.treedef = graphdef, treedef
+
+    def __hash__(self) -> int:
+        return hash((id(self.graphdef), self.treedef))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _Graph) and other.graphdef is self.graphdef and other.treedef == self.treedef
+
+
+def _merge(graphdef: nnx.GraphDef | _Graph, state):
+    """The model of ``graphdef`` with ``state`` (an ``nnx.State``, or with a :class:`_Graph` its leaves)."""
+    if isinstance(graphdef, _Graph):
+        return nnx.merge(graphdef.graphdef, jax.tree.unflatten(graphdef.treedef, state))
+    return nnx.merge(graphdef, state)
+
+
 def _prefill_cache(model, ids_RP: jax.Array, mask_RP: jax.Array, cfg: SamplingConfig):
     r, p = ids_RP.shape
     key_mask_RL = jnp.concatenate([mask_RP, jnp.ones((r, cfg.max_new_tokens), mask_RP.dtype)], axis=1)
@@ -132,7 +162,7 @@ def init_slots(
 ) -> Slots:
     """Empty slots (none live) for prompts of ``prompt_len`` tokens, laid out by :func:`slot_shardings`
     over ``mesh`` when one is given; ``keys_S`` only sets their number and key type."""
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, state)
     slots, n = keys_S.shape[0], cfg.max_new_tokens
     empty = Slots(
         cache=model.init_cache(slots, prompt_len + n, cfg.cache_dtype),
@@ -160,9 +190,11 @@ def admit_fn(
     pad_id: jax.Array,
     cfg: SamplingConfig,
 ) -> Slots:
-    """Prefills the R prompts once and starts slot s on prompt ``source_S[s]`` with key ``keys_S[s]``;
-    slots with ``source_S[s] < 0`` keep their state."""
-    cache_R, logits_RV = _prefill_cache(nnx.merge(graphdef, state), ids_RP, mask_RP, cfg)
+    """Prefills the R prompts once and starts slot s on prompt ``source_S[s]`` with key ``keys_S[s]`` (typed
+    keys, or their raw ``jax.random.key_data``); slots with ``source_S[s] < 0`` keep their state."""
+    if not jax.dtypes.issubdtype(keys_S.dtype, jax.dtypes.prng_key):
+        keys_S = jax.random.wrap_key_data(keys_S, impl=jax.random.key_impl(slots.keys_S))
+    cache_R, logits_RV = _prefill_cache(_merge(graphdef, state), ids_RP, mask_RP, cfg)
     take_S = source_S >= 0
     src_S = jnp.maximum(source_S, 0)
 
@@ -197,7 +229,7 @@ def decode_fn(
     Returns:
       the slots, the steps run and the slot-steps that produced a token.
     """
-    model = nnx.merge(graphdef, state)
+    model = _merge(graphdef, state)
     s, p = slots.prompt_mask_SP.shape
     n = cfg.max_new_tokens
     rows_S = jnp.arange(s)
@@ -381,8 +413,10 @@ def generate_continuous(
     stats = EngineStats(slots=s * layout.processes, items=w)
     prompt_of_W = _prompt_index(ids_WP, mask_WP)
     eos_E, pad = jnp.asarray(np.asarray(eos_ids, np.int32)), jnp.int32(pad_id)
-    slots = init_slots(graphdef, params, layout.put(keys_W[np.arange(s) % w]), p, sampling, mesh=mesh)
-    prompts = (ids_WP, mask_WP, prompt_of_W, keys_W)
+    leaves, treedef = jax.tree.flatten(params)
+    graph, params = _Graph(graphdef, treedef), leaves
+    slots = init_slots(graph, params, layout.put(keys_W[np.arange(s) % w]), p, sampling, mesh=mesh)
+    prompts = (ids_WP, mask_WP, prompt_of_W, np.asarray(jax.random.key_data(keys_W)))  # host-side key rows
     out = GenerateOutput(np.full((w, n), pad_id, np.int32), np.zeros((w, n), np.float32), np.zeros((w, n), np.int32))
     item_S = np.full(s, -1)  # the work item each slot holds, -1 when free
     queue = 0  # items are admitted in row order
@@ -398,9 +432,9 @@ def generate_continuous(
             break
         if size:  # some process admits: all of them prefill a batch of this size
             queue += len(taken)
-            slots = _admit(graphdef, params, slots, prompts, items, taken, pad, sampling, stats, layout, size)
+            slots = _admit(graph, params, slots, prompts, items, taken, pad, sampling, stats, layout, size)
             item_S[taken] = items
-        slots, ran, produced = decode_fn(graphdef, params, slots, eos_E, pad, sampling, engine.sync_steps)
+        slots, ran, produced = decode_fn(graph, params, slots, eos_E, pad, sampling, engine.sync_steps)
         stats.decode_steps += int(ran)
         stats.live_slot_steps += int(produced)
         live_S = layout.get(slots.live_S)
@@ -426,7 +460,7 @@ def _prompt_index(ids_WP: np.ndarray, mask_WP: np.ndarray) -> np.ndarray:
 def _admit(graphdef, params, slots, prompts, items, taken, pad, sampling, stats, layout, size):
     """Prefills the distinct prompts of ``items`` (a batch of ``size`` per process, padded) into slots
     ``taken`` of this process; a process that admits nothing prefills filler rows and starts no slot."""
-    ids_WP, mask_WP, prompt_of_W, keys_W = prompts
+    ids_WP, mask_WP, prompt_of_W, key_data_W = prompts
     s = slots.step_S.shape[0] // layout.processes
     r = layout.local_count(size)
     source_S = np.full(s, -1, np.int32)
@@ -448,7 +482,7 @@ def _admit(graphdef, params, slots, prompts, items, taken, pad, sampling, stats,
         layout.put(ids_WP[rows]),
         layout.put(mask_WP[rows]),
         layout.put(source_S),
-        layout.put(keys_W[jnp.asarray(slot_items)]),
+        layout.put(key_data_W[slot_items]),
         pad,
         sampling,
     )
