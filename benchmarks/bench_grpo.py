@@ -1,4 +1,5 @@
-"""Seconds per GRPO step of saerl-jax's trainer against TRL's ``GRPOTrainer`` (and Tunix), on CPU in float32.
+"""Seconds per GRPO, PPO and DPO step of saerl-jax's trainer against TRL's trainers (and Tunix), by default on CPU
+in float32.
 
 Both sides train the embedded tiny-math policy (``assets/tiny-math/model``, an 854k-parameter Qwen2) with
 the same configuration: ``--batch-size`` prompts per step, ``--num-generations`` (G) completions each of
@@ -15,9 +16,10 @@ graded exactly those prompts at every step.
   (rollout, grading in the trainer's worker processes, reference log-probs, update). Prompts are
   left-padded to one fixed width (the longest prompt used, rounded up to 8), so one compile serves all.
 - TRL: ``GRPOTrainer.train()`` on the same Hugging Face directory loaded with transformers (float32, SDPA
-  attention), generating with ``model.generate`` (no vLLM), ``use_cpu=True``, no gradient checkpointing,
-  no logging, saving or reporting. A ``TrainerCallback`` times ``on_step_begin`` -> ``on_step_end``, which
-  holds generation, grading, reference log-probs, forward, backward and the optimizer step.
+  attention), generating with ``model.generate`` (no vLLM), on ``--device`` (``use_cpu=True`` for the CPU),
+  no gradient checkpointing, no logging, saving or reporting. A ``TrainerCallback`` times ``on_step_begin``
+  -> ``on_step_end``, which holds generation, grading, reference log-probs, forward, backward and the
+  optimizer step.
 - Tunix (``google-tunix``): timed only if it imports; otherwise the reason is printed.
 
 Each framework runs ``max(--steps + 1, --curve-steps)`` steps once, both in this process with their steps
@@ -29,10 +31,19 @@ ended, so the counts follow what each sampled). The reward curve is the mean mat
 first ``--curve-steps`` steps; both sides start from the same weights and see the same prompts, so the
 curves should agree up to sampling noise. Figures go to ``--out``/grpo.json and the curves to
 ``--out``/grpo_curves.png. Torch uses ``--threads`` intra-op threads (default: every core, as XLA does).
-Run it with::
+Both sides keep float32 weights and optimizer state; ``--dtype bfloat16`` computes in bfloat16 on both (our
+``compute_dtype``, TRL's ``bf16`` autocast), for accelerators. Run it with::
 
     .venv/bin/python benchmarks/bench_grpo.py              # defaults: a few minutes on 2 cores
     .venv/bin/python benchmarks/bench_grpo.py --quick      # 2 timed steps, 4 curve steps
+    python benchmarks/bench_grpo.py --device cuda --dtype bfloat16   # on a GPU (JAX on its default device)
+
+Then the PPO and DPO rows (``--algos`` picks rows), each ``--steps`` timed after one warm-up, medians, on the
+first batches of the same prompts: our PPO step against TRL 1.12's ``PPOTrainer`` (run in ``--trl-ppo-python``
+by ``benchmarks/trl_ppo_step.py``; without it, the reason is printed) and our DPO step and update against TRL's
+``DPOTrainer``. They live in ``benchmarks/bench_grpo_algos.py``, whose docstring says what each compares; what
+the rows share with this one (:class:`grpo_common.Run`, :class:`grpo_common.SaerlSteps`, TRL's step timer, the
+timing table) is in ``benchmarks/grpo_common.py``. Their figures go to grpo.json under ``ppo`` and ``dpo``.
 """
 
 from __future__ import annotations
@@ -44,12 +55,9 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
-import dataclasses
 import importlib.metadata
 import json
-import statistics
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -57,10 +65,11 @@ from typing import TYPE_CHECKING
 import jax
 import matplotlib
 import numpy as np
+from bench_grpo_algos import report_dpo, report_ppo, run_dpo, run_ppo  # sibling scripts: the PPO and DPO rows
+from grpo_common import Run, SaerlSteps, print_split, step_timer, timing_table
 
-from rl.config import GRPOConfig
+from rl.config import DPOConfig, GRPOConfig, PPOConfig
 from rl.rewards import math_reward
-from rl.trainer import Trainer, TrainJob
 from saerl_jax.data import SYSTEM_PROMPT, format_example, load_tokenizer
 from saerl_jax.data.problems import Problem, load_problems
 from saerl_jax.pipeline import ShuffleSampler
@@ -68,8 +77,9 @@ from saerl_jax.pipeline import ShuffleSampler
 if TYPE_CHECKING:
     import trl
 
-# torch, transformers, trl and datasets are imported inside run_trl: the trainer grades in spawned worker
-# processes, which re-import this script, and importing TRL costs each of them about 10 s of CPU.
+# torch, transformers, trl and datasets are imported inside run_trl (and the functions of bench_grpo_algos and
+# grpo_common that need them): the trainer grades in spawned worker processes, which re-import this script and
+# its sibling modules, and importing TRL costs each of them about 10 s of CPU.
 
 ASSETS = Path(__file__).resolve().parents[1] / "assets" / "tiny-math"
 QUICK_ARGS = dict(steps=2, curve_steps=4)
@@ -79,32 +89,7 @@ TUNIX_CONFLICT = (
     "downgrades transformers to 5.12.1 and safetensors to 0.7.0 when unconstrained"
 )
 GOAL = 3.0
-
-
-@dataclasses.dataclass
-class Run:
-    """What one framework did, step by step (the first, untimed step included)."""
-
-    name: str
-    step_s: list[float] = dataclasses.field(default_factory=list)
-    """Wall-clock seconds of each step."""
-    cpu_s: list[float] = dataclasses.field(default_factory=list)
-    """CPU seconds of this process (all its threads) in each step; steadier than wall-clock time when other
-    jobs share the cores. Our grading workers are separate processes and not counted."""
-    rewards: list[float] = dataclasses.field(default_factory=list)
-    """Mean math reward of each step's completions."""
-    tokens: list[int] = dataclasses.field(default_factory=list)
-    """Completion tokens sampled at each step."""
-
-    def summary(self, timed: int) -> dict[str, float]:
-        """Median seconds per step and completion tokens per second over the ``timed`` steps after the first."""
-        seconds = self.step_s[1 : 1 + timed]
-        return {
-            "s_per_step": statistics.median(seconds),
-            "cpu_s_per_step": statistics.median(self.cpu_s[1 : 1 + timed]),
-            "tokens_per_s": sum(self.tokens[1 : 1 + timed]) / sum(seconds),
-            "first_step_s": self.step_s[0],
-        }
+ALGOS = ("grpo", "ppo", "dpo")
 
 
 def parse_args() -> argparse.Namespace:
@@ -123,8 +108,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--curve-steps", type=int, default=20, help="steps whose mean reward is compared")
     parser.add_argument("--seed", type=int, default=0, help="sampling seeds and the prompt order")
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch intra-op threads")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="torch device of TRL")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute, both sides")
     parser.add_argument("--out", type=Path, default=Path("runs/bench"), help="where grpo.json and the plot go")
     parser.add_argument("--skip-trl", action="store_true", help="time saerl-jax alone")
+    parser.add_argument("--algos", default=",".join(ALGOS), help="rows to run, comma-separated: grpo, ppo, dpo")
+    parser.add_argument("--ppo-epochs", type=int, default=4, help="PPO passes over each rollout batch")
+    parser.add_argument("--ppo-mini-batches", type=int, default=1, help="PPO updates per pass")
+    parser.add_argument("--trl-ppo-python", type=Path, help="interpreter with TRL 1.12 (see trl_ppo_step.py)")
+    parser.add_argument("--dpo-beta", type=float, default=0.1, help="DPO's beta (loss sigmoid)")
     parser.add_argument("--quick", action="store_true", help="few steps, for a smoke run")
     args = parser.parse_args()
     if args.quick:
@@ -132,6 +124,9 @@ def parse_args() -> argparse.Namespace:
         args = parser.parse_args()
     if args.steps < 1 or args.curve_steps < 1:
         parser.error("--steps and --curve-steps must be >= 1")
+    args.algos = tuple(args.algos.split(","))
+    if not args.algos or set(args.algos) - set(ALGOS):
+        parser.error(f"--algos takes a comma-separated subset of {', '.join(ALGOS)}, got {','.join(args.algos)}")
     return args
 
 
@@ -157,58 +152,19 @@ def make_config(args: argparse.Namespace, prompt_length: int, steps: int) -> GRP
         max_steps=steps,
         save_steps=steps,
         seed=args.seed,
+        compute_dtype=args.dtype,
     )
 
 
-class SaerlSteps:
-    """Our trainer driven one ``run_step`` at a time (no checkpoints, evaluation or logging between),
-    grading in worker processes as ``Trainer.train`` does. Use as a context manager."""
-
-    def __init__(self, args: argparse.Namespace, cfg: GRPOConfig, batches: list[list[Problem]]):
-        self.run, self.batches, self.rows = Run("saerl-jax"), batches, cfg.rows
-        self.phases: dict[str, list[float]] = {"rollout_s": [], "update_s": [], "compiles": []}
-        """The trainer's own split of each step: sampling, decoding and grading / reference log-probs and
-        the update; and the XLA programs each step built."""
-        self.out = tempfile.TemporaryDirectory()
-        job = TrainJob(
-            model=args.model,
-            tokenizer=args.tokenizer,
-            data=args.data,
-            out=Path(self.out.name),
-            config=cfg,
-            data_seed=args.seed,
-            tensorboard=False,
-            progress=False,
-        )
-        self.trainer = Trainer(job)
-
-    def step(self) -> None:
-        """One step, timed; checks it drew the expected prompts."""
-        expected = sorted(p.id for p in self.batches[len(self.run.step_s)])
-        start, cpu = time.perf_counter(), time.process_time()
-        state, row, sample_ids = self.trainer.run_step()
-        self.trainer.state, self.trainer.step = state, self.trainer.step + 1  # Trainer.commit, without a log
-        self.run.step_s.append(time.perf_counter() - start)
-        self.run.cpu_s.append(time.process_time() - cpu)
-        for phase in self.phases:
-            self.phases[phase].append(row[phase])
-        assert sorted(sample_ids) == expected, f"step {len(self.run.step_s)} drew other prompts than planned"
-        self.run.rewards.append(row["accuracy"])
-        self.run.tokens.append(round(row["completion_length"] * self.rows))
-        step, seconds = len(self.run.step_s), self.run.step_s[-1]
-        print(f"  saerl-jax step {step}: {seconds:.2f} s, reward {row['accuracy']:.3f}", flush=True)
-
-    def __enter__(self) -> SaerlSteps:
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.trainer.close()
-        self.trainer.manager.close()
-        self.out.cleanup()
+def algo_config(cfg: GRPOConfig, cls: type[GRPOConfig], steps: int, **objective) -> GRPOConfig:
+    """``cfg``'s batch, sampling, optimizer and precision under another algorithm, with its ``objective`` fields."""
+    shared = ("batch_size", "max_prompt_length", "max_completion_length", "temperature", "learning_rate", "seed")
+    shared += ("compute_dtype",)
+    return cls(**{name: getattr(cfg, name) for name in shared}, max_steps=steps, save_steps=steps, **objective)
 
 
-def trl_config(cfg: GRPOConfig, output_dir: str) -> trl.GRPOConfig:
-    """TRL's ``GRPOConfig`` for the same run.
+def trl_config(cfg: GRPOConfig, output_dir: str, device: str) -> trl.GRPOConfig:
+    """TRL's ``GRPOConfig`` for the same run, training on ``device`` (bfloat16 autocast where we compute in it).
 
     Batch arithmetic (TRL 1.16, ``GRPOConfig.__post_init__`` and ``GRPOTrainer._get_train_sampler``):
     ``per_device_train_batch_size`` counts completions, not prompts. With ``steps_per_generation`` unset it
@@ -243,8 +199,8 @@ def trl_config(cfg: GRPOConfig, output_dir: str) -> trl.GRPOConfig:
         shuffle_dataset=False,
         seed=cfg.seed,
         use_vllm=False,
-        use_cpu=True,
-        bf16=False,
+        use_cpu=device == "cpu",
+        bf16=cfg.compute_dtype == "bfloat16",
         gradient_checkpointing=False,
         report_to="none",
         save_strategy="no",
@@ -265,16 +221,6 @@ def run_trl(
 
     torch.set_num_threads(args.threads)
     run, graded = Run("TRL"), []
-
-    class StepTimer(transformers.TrainerCallback):
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.start, self.cpu = time.perf_counter(), time.process_time()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            run.step_s.append(time.perf_counter() - self.start)
-            run.cpu_s.append(time.process_time() - self.cpu)
-            print(f"  TRL step {len(run.step_s)}: {run.step_s[-1]:.2f} s, reward {run.rewards[-1]:.3f}", flush=True)
-            after_step()
 
     def math_reward_fn(completions, completion_ids, final_answer, problem_id, **kwargs) -> list[float]:
         rewards = [math_reward(c[0]["content"], a) for c, a in zip(completions, final_answer, strict=True)]
@@ -298,10 +244,10 @@ def run_trl(
         trainer = trl.GRPOTrainer(
             model=model,
             reward_funcs=math_reward_fn,
-            args=trl_config(cfg, out),
+            args=trl_config(cfg, out, args.device),
             train_dataset=datasets.Dataset.from_list(rows),
             processing_class=tokenizer,
-            callbacks=[StepTimer()],
+            callbacks=[step_timer(run, after_step)],
         )
         trainer.train()
     expected = [sorted(p.id for p in batch) for batch in batches]
@@ -334,28 +280,12 @@ def check_prompts(tokenizer_dir: Path, batches: list[list[Problem]]) -> int:
 
 
 def report(args: argparse.Namespace, runs: list[Run], phases: dict[str, list[float]], tunix: str) -> dict:
-    """Prints the timing table, our step's split and the reward curves; returns the figures."""
-    summaries = {run.name: run.summary(args.steps) for run in runs}
-    trl = summaries.get("TRL")
-    header = (
-        f"{'s/step (median)':>18}{'tokens/s':>12}{'vs TRL':>10}{'CPU s/step':>12}{'vs TRL':>10}{'first step s':>15}"
-    )
-    print(f"\n{'framework':<12}{header}")
-    for name, s in summaries.items():
-        s["speedup_vs_trl"] = trl["s_per_step"] / s["s_per_step"] if trl else float("nan")
-        s["cpu_speedup_vs_trl"] = trl["cpu_s_per_step"] / s["cpu_s_per_step"] if trl else float("nan")
-        line = f"{name:<12}{s['s_per_step']:>18.3f}{s['tokens_per_s']:>12,.0f}{s['speedup_vs_trl']:>9.2f}x"
-        print(f"{line}{s['cpu_s_per_step']:>12.3f}{s['cpu_speedup_vs_trl']:>9.2f}x{s['first_step_s']:>15.1f}")
-    print(f"{'Tunix':<12}{tunix}")
-    compiles = phases.pop("compiles", [])
-    split = {phase: statistics.median(values[1 : 1 + args.steps]) for phase, values in phases.items()}
-    print(f"saerl-jax step, median: rollout (sampling, decoding, grading) {split['rollout_s']:.3f} s, ", end="")
-    print(f"update (reference log-probs, loss, AdamW) {split['update_s']:.3f} s")
-    late = [f"step {i + 1}: {int(n)}" for i, n in enumerate(compiles) if i and n]
-    first = int(compiles[0]) if compiles else 0
-    print(f"saerl-jax XLA programs built: {int(sum(compiles))} ({first} in step 1; later: {', '.join(late) or 'none'})")
-    split["compiles_per_step"] = compiles
-    if trl:
+    """Prints the GRPO timing table, our step's split and the reward curves; returns the figures."""
+    title = f"GRPO: {args.batch_size} prompts x G={args.num_generations} completions per step"
+    summaries = timing_table(title, runs, args.steps, baseline="TRL")
+    print(f"{'Tunix':<22}{tunix}")
+    split = print_split("saerl-jax", phases, args.steps, "reference log-probs, loss, AdamW")
+    if "TRL" in summaries:
         print(f"goal: saerl-jax >= {GOAL}x faster than TRL; measured {summaries['saerl-jax']['speedup_vs_trl']:.2f}x")
     curves = {run.name: run.rewards[: args.curve_steps] for run in runs}
     print("\nmean math reward per step")
@@ -364,7 +294,7 @@ def report(args: argparse.Namespace, runs: list[Run], phases: dict[str, list[flo
         print(f"{step + 1:>5}" + "".join(f"{curve[step]:>12.3f}" for curve in curves.values()))
     print(f"{'mean':>5}" + "".join(f"{np.mean(curve):>12.3f}" for curve in curves.values()))
     figures = {"timing": summaries, "saerl_jax_split": split, "curves": curves, "tunix": tunix}
-    if trl:
+    if "TRL" in summaries:
         ours, theirs = np.asarray(curves["saerl-jax"]), np.asarray(curves["TRL"])
         gap = float(np.mean(np.abs(ours - theirs)))
         corr = float(np.corrcoef(ours, theirs)[0, 1]) if len(ours) > 2 else float("nan")
@@ -389,31 +319,63 @@ def plot(curves: dict[str, list[float]], path: Path, title: str) -> None:
 
 
 def main() -> None:
-    """Builds the shared prompts and config, runs each framework once and reports."""
+    """Builds the shared prompts and configs, runs each framework once per algorithm and reports."""
     args = parse_args()
-    steps = max(args.steps + 1, args.curve_steps)
+    steps = max(args.steps + 1, args.curve_steps) if "grpo" in args.algos else args.steps + 1
     problems = {p.id: p for p in load_problems(args.data).problems}
     batches = prompt_batches(problems, args.batch_size, steps, args.seed)
     prompt_length = -(-check_prompts(args.tokenizer, batches) // 8) * 8
     cfg = make_config(args, prompt_length, steps)
-    print(f"config: {cfg}")
+    ppo_cfg = algo_config(  # TRL's PPO never clips gradients
+        cfg,
+        PPOConfig,
+        args.steps + 1,
+        num_ppo_epochs=args.ppo_epochs,
+        num_mini_batches=args.ppo_mini_batches,
+        max_grad_norm=0.0,
+    )
+    dpo_cfg = algo_config(
+        cfg, DPOConfig, args.steps + 1, num_generations=args.num_generations, beta=args.dpo_beta, loss_type="sigmoid"
+    )
+    configs = {"grpo": cfg, "ppo": ppo_cfg, "dpo": dpo_cfg}
+    for algo in args.algos:
+        print(f"{algo} config: {configs[algo]}")
     print(f"jax {jax.__version__} on {jax.devices()[0]}; cores {os.cpu_count()}; torch threads {args.threads}")
+    print(f"TRL on {args.device}, compute {args.dtype}")
     print(f"load average before: {os.getloadavg()}")
-    with SaerlSteps(args, cfg, batches) as ours:
-        if args.skip_trl:
-            for _ in batches:
-                ours.step()
-            runs = [ours.run]
-        else:
-            runs = [ours.run, run_trl(args, cfg, batches, after_step=ours.step)]
+    results = {}
+    if "grpo" in args.algos:
+        with SaerlSteps(args, cfg, batches) as ours:
+            if args.skip_trl:
+                for _ in batches:
+                    ours.step()
+                runs = [ours.run]
+            else:
+                runs = [ours.run, run_trl(args, cfg, batches, after_step=ours.step)]
+        results["grpo"] = runs, ours.phases
+    if "ppo" in args.algos:
+        results["ppo"] = run_ppo(args, ppo_cfg, batches[: args.steps + 1])
+    if "dpo" in args.algos:
+        results["dpo"] = run_dpo(args, dpo_cfg, batches[: args.steps + 1])
     print(f"load average after: {os.getloadavg()}")
-    figures = report(args, runs, ours.phases, tunix_status())
-    figures["config"] = {**cfg.to_dict(), "steps_run": steps, "timed_steps": args.steps, "torch_threads": args.threads}
+    figures, args.out = {}, args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)
+    if "grpo" in results:
+        figures = report(args, *results["grpo"], tunix_status())
+        title = f"tiny-math GRPO, {cfg.batch_size} prompts x G={cfg.num_generations}, lr {cfg.learning_rate:g}"
+        plot(figures["curves"], args.out / "grpo_curves.png", title)
+    if "ppo" in results:
+        figures["ppo"] = report_ppo(args, *results["ppo"], figures.get("timing"))
+    if "dpo" in results:
+        figures["dpo"] = report_dpo(args, *results["dpo"])
+    figures["config"] = {
+        **{algo: configs[algo].to_dict() for algo in args.algos},
+        "steps_run": {algo: configs[algo].max_steps for algo in args.algos},
+        "timed_steps": args.steps,
+        "torch_threads": args.threads,
+    }
     (args.out / "grpo.json").write_text(json.dumps(figures, indent=2) + "\n")
-    title = f"tiny-math GRPO, {cfg.batch_size} prompts x G={cfg.num_generations}, lr {cfg.learning_rate:g}"
-    plot(figures["curves"], args.out / "grpo_curves.png", title)
-    print(f"wrote {args.out / 'grpo.json'} and {args.out / 'grpo_curves.png'}")
+    print(f"wrote {args.out / 'grpo.json'}" + (f" and {args.out / 'grpo_curves.png'}" if "grpo" in results else ""))
 
 
 if __name__ == "__main__":

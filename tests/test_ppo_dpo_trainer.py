@@ -141,3 +141,19 @@ def test_dpo_resumes_exactly(tiny_model, tmp_path, pairs):
         stored = (tmp_path / "split" / "offline_rollouts.jsonl").read_text().splitlines()
         ids = [json.loads(line)["id"] for line in stored]
         assert len(ids) == len(set(ids)) == 16  # each prompt sampled once, the resumed run read them back
+
+
+def test_train_command_documents_and_checks_ppo_and_dpo_options(tiny_model, tmp_path, capsys):
+    from saerl_jax.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    help_text = capsys.readouterr().out
+    for flag in ("--kl-coef", "--kl-estimator", "--value-model", "--num-ppo-epochs", "--pairs", "--pair-refresh-steps"):
+        assert flag in help_text, flag
+    assert "dpo: DPO's inverse temperature" in " ".join(help_text.split())
+    argv = ["train", "--model", str(tiny_model), "--data", str(ASSETS / "problems.jsonl"), "--out", str(tmp_path)]
+    with pytest.raises(SystemExit, match="epsilon: GRPO options that ppo does not use"):
+        main([*argv, "--algo", "ppo", "--epsilon", "0.3"])
+    with pytest.raises(SystemExit, match="loss_type must be one of \\('sigmoid', 'ipo'\\)"):
+        main([*argv, "--algo", "dpo", "--loss-type", "grpo"])
