@@ -143,11 +143,15 @@ def run_ppo(args: argparse.Namespace, cfg: PPOConfig, batches: list[list[Problem
 
 def fixed_pairs(steps: list[dict[str, np.ndarray]], k: int, count: int) -> tuple[list[dict[str, np.ndarray]], int]:
     """``count`` batches of ``k`` real pairs from the pair batches our DPO steps built (``steps``), in order and
-    repeated when there are fewer; completions cut or padded to the longest real one, so every batch has one
-    shape. Returns the batches and the number of distinct pairs."""
+    repeated when there are fewer; completions cut or padded to the longest real one and prompts left-padded to
+    the widest step's (steps pad to their own length bucket), so every batch has one shape. Returns the batches
+    and the number of distinct pairs."""
     width = max(int(b[f"{side}_mask_KN"].sum(axis=1).max()) for b in steps for side in ("chosen", "rejected"))
+    prompt_width = max(b["prompt_ids_KP"].shape[1] for b in steps)
 
     def fit(name: str, x: np.ndarray) -> np.ndarray:
+        if name.endswith("_KP"):
+            return np.pad(x, ((0, 0), (prompt_width - x.shape[1], 0)))
         return np.pad(x, ((0, 0), (0, max(width - x.shape[1], 0))))[:, :width] if name.endswith("_KN") else x
 
     real = {name: np.concatenate([fit(name, b[name])[b["pair_mask_K"] > 0] for b in steps]) for name in steps[0]}

@@ -3,7 +3,8 @@
 Run by ``tests/test_sharding.py`` in a fresh process with 8 host devices
 (``XLA_FLAGS=--xla_force_host_platform_device_count=8``)::
 
-    python tests/sharding_worker.py OUT.npz [MESH ...]      # MESH: 1x1x1, 8x1x1, 2x2x2, 1x4x2 (default all)
+    python tests/sharding_worker.py OUT.npz [MESH ...] [loss=LOSS ...]
+    # MESH: 1x1x1, 8x1x1, 2x2x2, 1x4x2 (default all); LOSS: grpo, dapo, ppo, dpo (default all)
 
 For each loss (grpo with a KL term, dapo with an older policy, ppo with a separate critic and a KL penalty,
 dpo on pairs with a padding pair) and mesh, writes ``{loss}/{mesh}/loss``,
@@ -156,14 +157,16 @@ def run(loss_type: str, name: str, shape: tuple[int, int, int]) -> dict[str, np.
     return out
 
 
-def main(path: str, *meshes: str) -> None:
+def main(path: str, *names: str) -> None:
     if jax.device_count() != 8:
         raise SystemExit(f"needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), have {jax.devices()}")
-    unknown = set(meshes) - set(MESHES)
+    losses = [n.removeprefix("loss=") for n in names if n.startswith("loss=")] or LOSSES
+    meshes = [n for n in names if not n.startswith("loss=")]
+    unknown = (set(meshes) - set(MESHES)) | (set(losses) - set(LOSSES))
     if unknown:
-        raise SystemExit(f"unknown mesh(es) {sorted(unknown)}: choose from {sorted(MESHES)}")
+        raise SystemExit(f"unknown mesh(es) or loss(es) {sorted(unknown)}: choose from {sorted(MESHES)}, {LOSSES}")
     out: dict[str, np.ndarray] = {}
-    for loss_type in LOSSES:
+    for loss_type in losses:
         for name in meshes or MESHES:
             shape = MESHES[name]
             out.update({f"{loss_type}/{key}": value for key, value in run(loss_type, name, shape).items()})

@@ -11,8 +11,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
-from trl.trainer.dpo_trainer import DPOTrainer
 
 from rl.dpo import DPOLoss, build_pairs, dpo_loss, pair_losses
 from rl.ppo import PPOLoss, gae, kl_penalty, masked_whiten, ppo_loss, token_rewards
@@ -318,7 +316,11 @@ def test_build_pairs():
 def _trl_dpo(per_token_logps_2KT, completion_mask_2KT, ref_chosen_K, ref_rejected_K, *, beta, loss_type):
     """Loss and reward metrics from TRL 1.16's ``DPOTrainer._compute_loss``, called unbound on a stand-in
     trainer (the attributes that method reads) and a stand-in model returning the given per-token
-    log-probs (``[2K, T - 1]``, chosen rows first, 0 off the shifted completion mask)."""
+    log-probs (``[2K, T - 1]``, chosen rows first, 0 off the shifted completion mask). TRL and torch are
+    imported here: loading them costs seconds that every test worker would pay at collection."""
+    import torch
+    from trl.trainer.dpo_trainer import DPOTrainer
+
     rows, length = completion_mask_2KT.shape
     outputs = types.SimpleNamespace(
         log_probs=torch.as_tensor(per_token_logps_2KT),

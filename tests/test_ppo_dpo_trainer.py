@@ -1,6 +1,7 @@
 """PPO and DPO in the trainer: each learns a learnable task from a random model, a run stopped and resumed
 ends where an uninterrupted one does (the value model, the pair-sampling snapshot and the offline store
-included), and the exported policy is the policy."""
+included), and the exported policy is the policy. The learning checks and the offline resume run under
+``make test-slow`` (a minute together); the offline store's file format is checked here without training."""
 
 from __future__ import annotations
 
@@ -50,6 +51,7 @@ def _rewards(out: Path) -> list[float]:
     return [row["reward_mean"] for row in read_metrics(out)]
 
 
+@pytest.mark.slow
 def test_ppo_learns_a_learnable_task(tiny_model, tmp_path):
     cfg = PPOConfig(
         batch_size=8,
@@ -68,6 +70,7 @@ def test_ppo_learns_a_learnable_task(tiny_model, tmp_path):
     assert last > max(5 * first, 0.5), rewards  # about 0.01 -> 0.9 with this seed
 
 
+@pytest.mark.slow
 def test_dpo_learns_from_pairs_of_its_own_rollouts(tiny_model, tmp_path):
     cfg = DPOConfig(
         batch_size=4,
@@ -105,21 +108,21 @@ def _resumes_exactly(model: Path, tmp_path: Path, cfg, reward, steps: int = 4, s
 
 
 def test_ppo_resumes_exactly_with_its_value_model(tiny_model, tmp_path):
-    cfg = PPOConfig(batch_size=4, max_prompt_length=96, max_completion_length=6, learning_rate=1e-3, num_mini_batches=2)
-    state = _resumes_exactly(tiny_model, tmp_path, cfg, digit_share)
+    cfg = PPOConfig(batch_size=4, max_prompt_length=96, max_completion_length=6, learning_rate=1e-3, num_ppo_epochs=2)
+    state = _resumes_exactly(tiny_model, tmp_path, cfg, digit_share, steps=3, stop=1)
     assert set(state.params) == {"policy", "critic", "value_head"}
     assert np.abs(state.params["value_head"]["kernel"]).sum() > 0  # the value model trained
-    saved = json.loads(next((tmp_path / "full" / "checkpoints" / "4").glob("meta*/*")).read_text())
+    saved = json.loads(next((tmp_path / "full" / "checkpoints" / "3").glob("meta*/*")).read_text())
     assert saved["config"]["algo"] == "ppo"
-    assert dataclasses.replace(config_from_dict(saved["config"]), max_steps=4, save_steps=2) == dataclasses.replace(
-        cfg.with_resolved_precision(), max_steps=4, save_steps=2
+    assert dataclasses.replace(config_from_dict(saved["config"]), max_steps=3, save_steps=1) == dataclasses.replace(
+        cfg.with_resolved_precision(), max_steps=3, save_steps=1
     )
     exported = load_pretrained(tmp_path / "full" / "hf")
     policy = jax.tree.map(np.asarray, state.params["policy"])
     jax.tree.map(np.testing.assert_array_equal, nnx.state(exported), policy)
 
 
-@pytest.mark.parametrize("pairs", ["online", "offline"])
+@pytest.mark.parametrize("pairs", ["online", pytest.param("offline", marks=pytest.mark.slow)])
 def test_dpo_resumes_exactly(tiny_model, tmp_path, pairs):
     """Online with a refresh every 3 steps (the snapshot taken at step 0 is restored at step 2 and replaced
     at step 3), and offline (the stored rollouts are read back, not sampled again)."""
@@ -157,3 +160,23 @@ def test_train_command_documents_and_checks_ppo_and_dpo_options(tiny_model, tmp_
         main([*argv, "--algo", "ppo", "--epsilon", "0.3"])
     with pytest.raises(SystemExit, match="loss_type must be one of \\('sigmoid', 'ipo'\\)"):
         main([*argv, "--algo", "dpo", "--loss-type", "grpo"])
+
+
+def test_offline_store_reads_back_its_rows_and_drops_a_torn_line(tmp_path):
+    from rl.collect import RolloutStore
+    from rl.rollout import Rollout
+
+    path = tmp_path / "offline_rollouts.jsonl"
+    store = RolloutStore(path, width=4, pad_id=0)
+    ids_GN = np.array([[5, 6, 2, 0], [7, 8, 9, 1]], np.int32)
+    mask_GN = np.array([[1, 1, 1, 0], [1, 1, 1, 1]], np.int32)
+    prompt = np.ones((2, 3), np.int32)
+    store.add("p1", Rollout(prompt, prompt, ids_GN, mask_GN, np.zeros((2, 4), np.float32), np.array([False, True])))
+    with path.open("a") as f:
+        f.write('{"id": "p2", "completions": [[1, 2')  # a run killed mid-write
+    again = RolloutStore(path, width=4, pad_id=0)
+    assert "p1" in again and "p2" not in again
+    rollout = again.rollout(["p1"], prompt, prompt)
+    np.testing.assert_array_equal(rollout.completion_ids_BN, ids_GN * mask_GN)
+    np.testing.assert_array_equal(rollout.completion_mask_BN, mask_GN)
+    np.testing.assert_array_equal(rollout.truncated_B, [False, True])

@@ -31,6 +31,8 @@ TRAIN_WORKER = Path(__file__).with_name("multihost_worker.py")
 MESHES = ("2x2x2", "8x1x1", "1x4x2")
 FAST_MESH = "2x2x2"
 """The mesh ``make test`` checks (all three axes at once); the others run under ``make test-slow``."""
+FAST_LOSSES = ("grpo", "dapo")
+"""The losses ``make test`` checks on it; PPO's and DPO's steps run under ``make test-slow``."""
 LOSSES = ("grpo", "dapo", "ppo", "dpo")
 METRICS = {
     "grpo": {"loss", "grad_norm", "kl", "entropy", "clip_region"},
@@ -157,11 +159,11 @@ def _env(devices: int) -> dict[str, str]:
     return env
 
 
-def _worker_runs(tmp_path_factory, meshes: list[str]) -> dict[str, np.ndarray]:
+def _worker_runs(tmp_path_factory, meshes: list[str], losses: tuple[str, ...] = LOSSES) -> dict[str, np.ndarray]:
     """What the worker recorded for one device and ``meshes``, ``{loss}/{mesh}/...`` (one process)."""
     out = tmp_path_factory.mktemp("sharded") / "runs.npz"
     proc = subprocess.run(
-        [sys.executable, str(WORKER), str(out), "1x1x1", *meshes],
+        [sys.executable, str(WORKER), str(out), "1x1x1", *meshes, *(f"loss={loss}" for loss in losses)],
         env=_env(8),
         cwd=ROOT,
         capture_output=True,
@@ -174,7 +176,12 @@ def _worker_runs(tmp_path_factory, meshes: list[str]) -> dict[str, np.ndarray]:
 
 @pytest.fixture(scope="module")
 def fast_runs(tmp_path_factory):
-    return _worker_runs(tmp_path_factory, [FAST_MESH])  # about 30 s
+    return _worker_runs(tmp_path_factory, [FAST_MESH], FAST_LOSSES)  # about 30 s
+
+
+@pytest.fixture(scope="module")
+def algo_runs(tmp_path_factory):
+    return _worker_runs(tmp_path_factory, [FAST_MESH], tuple(loss for loss in LOSSES if loss not in FAST_LOSSES))
 
 
 @pytest.fixture(scope="module")
@@ -187,10 +194,17 @@ def _mesh_params(meshes):
     return [m if m in (FAST_MESH, "1x1x1") else pytest.param(m, marks=pytest.mark.slow) for m in meshes]
 
 
+def _loss_params():
+    """:data:`LOSSES` as parameters, all but :data:`FAST_LOSSES` marked slow."""
+    return [loss if loss in FAST_LOSSES else pytest.param(loss, marks=pytest.mark.slow) for loss in LOSSES]
+
+
 @pytest.fixture
-def sharded_runs(request, mesh):
-    """The worker's record holding ``mesh`` (and the one-device runs)."""
-    return request.getfixturevalue("fast_runs" if mesh in (FAST_MESH, "1x1x1") else "slow_runs")
+def sharded_runs(request, mesh, loss):
+    """The worker's record holding ``mesh`` and ``loss`` (and the one-device runs)."""
+    if mesh not in (FAST_MESH, "1x1x1"):
+        return request.getfixturevalue("slow_runs")
+    return request.getfixturevalue("fast_runs" if loss in FAST_LOSSES else "algo_runs")
 
 
 def _series(runs, mesh):
@@ -201,7 +215,7 @@ def _tree(runs, prefix):
     return {k.removeprefix(prefix): v for k, v in runs.items() if k.startswith(prefix)}
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", _loss_params())
 @pytest.mark.parametrize("mesh", _mesh_params(MESHES))
 def test_sharded_step_matches_one_device(sharded_runs, loss, mesh):
     runs = _tree(sharded_runs, f"{loss}/")
@@ -228,7 +242,7 @@ LAYOUTS = {
 }
 
 
-@pytest.mark.parametrize("loss", LOSSES)
+@pytest.mark.parametrize("loss", _loss_params())
 @pytest.mark.parametrize("mesh", _mesh_params(sorted(LAYOUTS)))
 def test_params_stay_sharded_by_the_rules(sharded_runs, loss, mesh):
     runs = _tree(sharded_runs, f"{loss}/")

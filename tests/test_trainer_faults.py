@@ -267,6 +267,7 @@ def _kill_trials(model: Path, data: Path, tmp_path: Path, trials: list[list[int]
         assert_same_run(out, reference)
 
 
+@pytest.mark.slow  # the longest test (30-45 s): `make test-slow`; the interrupts above cover each phase
 def test_saerl_train_killed_at_a_random_moment_resumes_exactly(tiny_model, data, tmp_path):
     _kill_trials(tiny_model, data, tmp_path, [[signal.SIGKILL]], seed=0)
 

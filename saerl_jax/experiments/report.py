@@ -153,11 +153,14 @@ def plans_table(plans: Mapping[str, Mapping]) -> str:
 
 
 def budget_line(summary: Mapping) -> str:
-    """One sentence with the shared GRPO budget and evaluation settings."""
+    """One sentence with the shared RL budget and evaluation settings."""
     b = summary["budget"]
+    algo = b.get("algo", "grpo")  # summaries written before PPO / DPO name no algorithm
+    kl = {"grpo": "beta", "ppo": "kl_coef", "dpo": "DPO beta"}[algo]
     return (
-        f"Every arm: {b['steps']} GRPO steps of {b['batch_size']} prompts x {b['num_generations']} completions "
-        f"(at most {b['max_completion_length']} tokens), learning rate {b['learning_rate']}, beta {b['beta']}; "
+        f"Every arm: {b['steps']} {algo.upper()} steps of {b['batch_size']} prompts x {b['num_generations']} "
+        f"completions (at most {b['max_completion_length']} tokens), learning rate {b['learning_rate']}, "
+        f"{kl} {b['beta']}; "
         f"held-out greedy accuracy on {b['eval_limit']} problems every {b['eval_steps'] or b['steps']} steps "
         f"(step 0 = the base model); final Avg@{b['k']} at temperature {b['temperature']} on the same problems. "
         f"Seeds {', '.join(map(str, summary['seeds']))}; target accuracy {_pct(summary['target'])}% "
