@@ -139,6 +139,7 @@ def test_store_made_before_prompt_span_existed_is_refused(world, tmp_path):
             run_extract(_job(world, out, prompt_span=prompt_span))
 
 
+@pytest.mark.slow  # 15 s: `make test-slow`
 def test_features_do_not_depend_on_the_batch_size(world, tmp_path):
     # outlier_factor=1 drops every token over its reference norm, so a reference taken per batch would show.
     for batch_size in (4, 6):  # 4 is the default the other tests compile too

@@ -1,7 +1,8 @@
 """PPO and DPO in the trainer: each learns a learnable task from a random model, a run stopped and resumed
 ends where an uninterrupted one does (the value model, the pair-sampling snapshot and the offline store
-included), and the exported policy is the policy. The learning checks and the offline resume run under
-``make test-slow`` (a minute together); the offline store's file format is checked here without training."""
+included), and the exported policy is the policy. Every test that trains runs under ``make test-slow``
+(two minutes together: the default suite's time budget); the offline store's file format and the command's
+options are checked in the default suite without training."""
 
 from __future__ import annotations
 
@@ -107,6 +108,7 @@ def _resumes_exactly(model: Path, tmp_path: Path, cfg, reward, steps: int = 4, s
     return final["full"]
 
 
+@pytest.mark.slow
 def test_ppo_resumes_exactly_with_its_value_model(tiny_model, tmp_path):
     cfg = PPOConfig(batch_size=4, max_prompt_length=96, max_completion_length=6, learning_rate=1e-3, num_ppo_epochs=2)
     state = _resumes_exactly(tiny_model, tmp_path, cfg, digit_share, steps=3, stop=1)
@@ -122,7 +124,8 @@ def test_ppo_resumes_exactly_with_its_value_model(tiny_model, tmp_path):
     jax.tree.map(np.testing.assert_array_equal, nnx.state(exported), policy)
 
 
-@pytest.mark.parametrize("pairs", ["online", pytest.param("offline", marks=pytest.mark.slow)])
+@pytest.mark.slow
+@pytest.mark.parametrize("pairs", ["online", "offline"])
 def test_dpo_resumes_exactly(tiny_model, tmp_path, pairs):
     """Online with a refresh every 3 steps (the snapshot taken at step 0 is restored at step 2 and replaced
     at step 3), and offline (the stored rollouts are read back, not sampled again)."""

@@ -122,7 +122,12 @@ class Faulty(Trainer):
 
 @pytest.mark.parametrize(
     ("point", "at_step", "latest"),
-    [("rollout", 2, 1), ("grading", 2, 1), ("update", 3, 2), ("evaluate", 4, 2)],
+    [  # grading and evaluation under `make test-slow` (the default suite's time budget)
+        ("rollout", 2, 1),
+        pytest.param("grading", 2, 1, marks=pytest.mark.slow, id="grading-2-1"),
+        ("update", 3, 2),
+        pytest.param("evaluate", 4, 2, marks=pytest.mark.slow, id="evaluate-4-2"),
+    ],
 )
 def test_an_interrupt_inside_a_step_keeps_checkpoints_at_step_boundaries(
     tiny_model,
