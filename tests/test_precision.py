@@ -94,6 +94,7 @@ def test_float32_compute_adds_no_casts():
     assert all(a is b for a, b in same)  # the very same arrays: the float32 step is unchanged
 
 
+@pytest.mark.slow  # 13 s: `make test-slow`
 def test_updates_below_bfloat16_resolution_move_the_float32_master_weights():
     """RMSNorm weights are 1: an Adam step of 1e-6 is far below bfloat16's spacing there (2**-7)."""
     graphdef, params = nnx.split(_model())

@@ -45,6 +45,7 @@ def test_saerl_and_transformers_agree_on_the_shipped_model(shipped):
     np.testing.assert_allclose(ours[real], theirs[real], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow  # 13 s: `make test-slow`
 def test_greedy_accuracy_is_in_the_documented_range(shipped):
     model, tokenizer = shipped
     text = (ASSETS / "README.md").read_text()
