@@ -99,9 +99,10 @@ def make_batch(graphdef, params, cfg: GRPOConfig) -> dict[str, np.ndarray]:
     if isinstance(cfg, PPOConfig):
         batch["ref_logp_BN"] = (logp_BN + 0.1 * rng.standard_normal(logp_BN.shape)).astype(np.float32)
         batch["old_values_BN"] = rng.standard_normal(logp_BN.shape).astype(np.float32) * loss_mask_BN
-    if isinstance(cfg, DPOConfig):  # the first two rows of each group as (chosen, rejected); group 1 no pair
-        chosen, rejected = np.arange(PROMPTS) * G, np.arange(PROMPTS) * G + 1
-        pair_mask_K = np.array([1, 0, 1, 1], np.int32)
+    if isinstance(cfg, DPOConfig):  # rows (0, 1) and (2, 3) of each group as (chosen, rejected), two padding
+        chosen = (np.arange(PROMPTS)[:, None] * G + np.array([0, 2])).ravel()  # 8 pairs: any mesh splits them
+        rejected = chosen + 1
+        pair_mask_K = np.array([1, 1, 0, 1, 1, 0, 1, 1], np.int32)
         return {
             "prompt_ids_KP": prompt_ids_BP[chosen],
             "prompt_mask_KP": prompt_mask_BP[chosen],
@@ -110,8 +111,8 @@ def make_batch(graphdef, params, cfg: GRPOConfig) -> dict[str, np.ndarray]:
             "rejected_ids_KN": completion_ids_BN[rejected],
             "rejected_mask_KN": loss_mask_BN[rejected] * pair_mask_K[:, None],
             "pair_mask_K": pair_mask_K,
-            "ref_chosen_K": -rng.uniform(20, 40, PROMPTS).astype(np.float32),
-            "ref_rejected_K": -rng.uniform(20, 40, PROMPTS).astype(np.float32),
+            "ref_chosen_K": -rng.uniform(20, 40, len(chosen)).astype(np.float32),
+            "ref_rejected_K": -rng.uniform(20, 40, len(chosen)).astype(np.float32),
         }
     return batch
 
