@@ -18,7 +18,7 @@ from rl import dpo
 from rl.config import DPOConfig
 from rl.losses import masked_mean
 from rl.rollout import completion_logprobs, logprobs_fn
-from rl.step import Batch, TrainState, all_finite, learning_rate
+from rl.step import Batch, TrainState, finish_update, learning_rate
 from saerl_jax.precision import cast_floating, resolve_compute_dtype
 
 
@@ -113,10 +113,4 @@ def train_step(
     params, opt_state = jax.tree.map(if_pairs, (params, opt_state), (state.params, state.opt_state))
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate(cfg)(state.step)
-    finite = jnp.isfinite(metrics["loss"]) & all_finite((params, opt_state))
-    metrics["nonfinite"] = 1.0 - finite
-    new = state._replace(params=params, opt_state=opt_state, step=state.step + 1)
-    if cfg.skip_nonfinite_steps:
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-        metrics["skipped_nonfinite"] = 1.0 - finite
-    return new, metrics
+    return finish_update(cfg, state, params, opt_state, 1, metrics)

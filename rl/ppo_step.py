@@ -23,8 +23,8 @@ from flax import nnx
 from rl import ppo
 from rl.config import PPOConfig
 from rl.losses import masked_mean
-from rl.rollout import completion_hidden, hidden_logprobs
-from rl.step import Batch, TrainState, all_finite, learning_rate
+from rl.rollout import completion_hidden, hidden_logprobs, map_micro_batches
+from rl.step import Batch, TrainState, finish_update, learning_rate
 from saerl_jax.model import Qwen2
 from saerl_jax.precision import cast_floating, resolve_compute_dtype
 
@@ -74,12 +74,7 @@ def values_fn(
     def one(rows):
         return head_values(completion_hidden(critic, *rows, attention_chunk=attention_chunk), params["value_head"])
 
-    rows = (prompt_ids_BP, prompt_mask_BP, completion_ids_BN, completion_mask_BN)
-    if micro_batches == 1:
-        return one(rows)
-    split = jax.tree.map(lambda x: x.reshape(-1, micro_batches, *x.shape[1:]).swapaxes(0, 1), rows)
-    values_ABN = jax.lax.map(one, split)
-    return values_ABN.swapaxes(0, 1).reshape(-1, values_ABN.shape[-1])
+    return map_micro_batches(one, (prompt_ids_BP, prompt_mask_BP, completion_ids_BN, completion_mask_BN), micro_batches)
 
 
 def _micro_loss(params: dict, graphdef: nnx.GraphDef, cfg: PPOConfig, micro: Batch):
@@ -167,10 +162,4 @@ def train_step(
     metrics["kl"] = masked_mean(kl_BN, mask_BN)
     metrics["value_mean"] = masked_mean(batch["old_values_BN"], mask_BN)
     metrics["return_mean"] = masked_mean(returns_BN, mask_BN)
-    finite = jnp.isfinite(metrics["loss"]) & all_finite((params, opt_state))
-    metrics["nonfinite"] = 1.0 - finite
-    new = state._replace(params=params, opt_state=opt_state, step=state.step + steps)
-    if cfg.skip_nonfinite_steps:
-        new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
-        metrics["skipped_nonfinite"] = 1.0 - finite
-    return new, metrics
+    return finish_update(cfg, state, params, opt_state, steps, metrics)

@@ -370,9 +370,15 @@ def logprobs_fn(
         )
         return logp_BN
 
-    rows = (prompt_ids_BP, prompt_mask_BP, completion_ids_BN, completion_mask_BN)
+    return map_micro_batches(one, (prompt_ids_BP, prompt_mask_BP, completion_ids_BN, completion_mask_BN), micro_batches)
+
+
+def map_micro_batches(fn: Callable, rows: tuple[jax.Array, ...], micro_batches: int) -> jax.Array:
+    """``fn(rows) -> [B, N]`` run in ``micro_batches`` sequential passes, row r in pass ``r % micro_batches``
+    (the update's split, so a row-sharded batch splits without moving data), the outputs put back in row
+    order. One pass's activations are live at a time."""
     if micro_batches == 1:
-        return one(rows)
+        return fn(rows)
     split = jax.tree.map(lambda x: x.reshape(-1, micro_batches, *x.shape[1:]).swapaxes(0, 1), rows)
-    logp_ABN = jax.lax.map(one, split)
-    return logp_ABN.swapaxes(0, 1).reshape(-1, logp_ABN.shape[-1])
+    out_ABN = jax.lax.map(fn, split)
+    return out_ABN.swapaxes(0, 1).reshape(-1, out_ABN.shape[-1])

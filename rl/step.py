@@ -135,10 +135,19 @@ def train_step(
     metrics["loss"] = weight * jnp.sum(per_micro["loss"])
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["learning_rate"] = learning_rate(cfg)(state.step)
+    return finish_update(cfg, state, params, opt_state, 1, metrics)
+
+
+def finish_update(
+    cfg: GRPOConfig, state: TrainState, params, opt_state, updates: int, metrics: dict[str, jax.Array]
+) -> tuple[TrainState, dict[str, jax.Array]]:
+    """The new state after ``updates`` optimizer updates, and the ``nonfinite`` metric (1 when the loss or the
+    new parameters / optimizer state hold a non-finite value); with ``skip_nonfinite_steps`` such a step is
+    dropped (the state stays as it was) and counted in ``skipped_nonfinite``. Every algorithm's step ends here."""
     finite = jnp.isfinite(metrics["loss"]) & all_finite((params, opt_state))
     metrics["nonfinite"] = 1.0 - finite
-    new = state._replace(params=params, opt_state=opt_state, step=state.step + 1)
-    if cfg.skip_nonfinite_steps:  # the update is dropped: the state stays as it was
+    new = state._replace(params=params, opt_state=opt_state, step=state.step + updates)
+    if cfg.skip_nonfinite_steps:
         new = jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, state)
         metrics["skipped_nonfinite"] = 1.0 - finite
     return new, metrics
